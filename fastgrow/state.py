@@ -1,0 +1,54 @@
+"""TrainState: the one object that owns everything a run needs to continue.
+
+Model, optimizer (moments and step), LR schedule, step/token counters, data cursor and growth
+history. `grow()` maps a TrainState to a TrainState; checkpoints save and restore it whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from fastgrow.config import RunConfig
+from fastgrow.model import Transformer
+from fastgrow.optim import LRSchedule, build_optimizer
+
+
+@dataclass
+class TrainState:
+    config: RunConfig
+    model: Transformer
+    optimizer: torch.optim.AdamW
+    schedule: LRSchedule
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    tokens: int = 0  # training tokens consumed
+    cursor: dict[str, Any] = field(default_factory=dict)  # data loader position
+    growth_history: list[dict[str, Any]] = field(default_factory=list)
+    bad_steps: int = 0  # consecutive non-finite steps
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def with_config(self, config: RunConfig) -> TrainState:
+        return replace(self, config=config)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def build_state(config: RunConfig, device: torch.device | str | None = None) -> TrainState:
+    """A fresh TrainState: model initialised from train.seed, AdamW, schedule at step 0."""
+    dev = resolve_device(config.train.device) if device is None else torch.device(device)
+    torch.manual_seed(config.train.seed)
+    model = Transformer(config.model).to(dev)
+    optimizer = build_optimizer(model, config.train)
+    return TrainState(config=config, model=model, optimizer=optimizer, schedule=LRSchedule.from_config(config.train))

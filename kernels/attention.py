@@ -1,47 +1,295 @@
-"""Causal/non-causal attention in the flash-attn layout (batch, seq, heads, head_dim), with GQA.
+"""Exact attention in the flash-attn layout (batch, seq, heads, head_dim), causal or not, with GQA/MQA.
 
-Placeholder: reference and SDPA paths only; the Triton kernel lands with its own issue behind this API.
+    out = softmax(scale * Q K^T + mask) V,   scale = softmax_scale or 1/sqrt(head_dim)
+
+`attention(q, k, v, causal=True, softmax_scale=None, *, backend="auto", return_lse=False)` is a drop-in
+for `flash_attn_func(q, k, v, softmax_scale=..., causal=...)`:
+- q: (b, sq, h, d); k, v: (b, sk, hk, d) with hk dividing h (query head i uses KV head i // (h // hk),
+  the `repeat_interleave` convention of flash-attn and SDPA's enable_gqa). Any strides (e.g. views of a
+  packed QKV projection): the Triton path reads them in place, no copies.
+- causal with sq != sk is aligned to the bottom-right like flash-attn: query i sees key j iff
+  j <= i + sk - sq. Query rows that see no key (sq > sk) output 0 with lse = -inf and get zero
+  gradients (flash-attn convention; torch's SDPA would produce NaN there, our sdpa backend returns 0 too).
+- returns out (q.dtype), or (out, lse) with lse fp32 (b, h, sq), the natural-log sum of exp of the
+  scaled scores. The LSE is differentiable on the triton and ref backends.
+
+Backends: "triton" (the fused kernels of attention_fwd.py / attention_bwd.py, FlashAttention-2 algorithm,
+deterministic backward without atomics), "sdpa" (torch scaled_dot_product_attention), "flash_attn"
+(flash_attn_func, imported lazily), "ref" (`attention_ref`, fp32 torch, materialises S x S), "auto"
+(triton where `use_triton(q)`, i.e. CUDA or CPU under TRITON_INTERPRET=1, else sdpa; bfloat16 on CPU goes
+to sdpa because the interpreter cannot do bf16 dots).
+
+Triton envelope: head_dim 32, 64, 96, 128 (96 runs in a 128-wide tile masked on d); fp16 and bf16 on GPU,
+fp32 everywhere (GPU dots in exact fp32, "ieee", since fp32 is the accuracy path); any sequence length >= 1.
+Within one (batch, head) slice, offsets are 32-bit (seq * stride_seq < 2**31); batch/head offsets are 64-bit.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
 
-from ._common import check_float
+from ._common import check_float, check_same_device, interpreter_enabled, use_triton
+from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from .attention_fwd import attn_fwd_kernel
 
 BACKENDS = ("auto", "triton", "sdpa", "flash_attn", "ref")
+TRITON_HEAD_DIMS = (32, 64, 96, 128)
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations: a fixed table (no autotune, so runs are reproducible and the first step is not
+# spent tuning). Keyed by (fp32?, head_dim <= 64?). Not yet tuned on a GPU: these follow the configs
+# that the FlashAttention-2 paper and Triton's fused-attention tutorial found good on A100/H100.
+# - forward: 128 query rows per program keep the tensor cores fed and halve K/V re-reads vs 64;
+#   BLOCK_N 64 bounds the fp32 score tile (128x64) in registers; 3 stages double/triple-buffer K/V in
+#   shared memory (hd 128: Q 32 KB + 3 x (K+V) 32 KB = 128 KB < 228 KB); 8 warps for hd 96/128 so the
+#   128 x 128 fp32 accumulator stays in registers (64 per thread), 4 warps for hd <= 64.
+# - dK/dV: 128 keys per program (dK, dV accumulators live across the whole query loop) and 32 query
+#   rows per step, computed transposed (K Q^T) so every dot has 128 rows; dQ mirrors it (128 query rows,
+#   32 keys per step). 8 warps at hd 96/128 again for the two 128 x 128 fp32 accumulators.
+# - fp32 tiles are twice as big in shared memory: halve the blocks.
+# - interpreter: small asymmetric tiles (BLOCK_M != BLOCK_N) so tiny CPU test shapes still cross several
+#   blocks and exercise every masking path, while staying fast.
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Cfg:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class _Cfgs:
+    fwd: _Cfg
+    dkdv: _Cfg  # block_m: query rows per step, block_n: keys per program
+    dq: _Cfg  # block_m: query rows per program, block_n: keys per step
+    pre_block_m: int  # delta preprocess rows per program
+
+
+_INTERPRET_CFGS = _Cfgs(_Cfg(32, 16, 4, 1), _Cfg(16, 32, 4, 1), _Cfg(32, 16, 4, 1), 32)
+_GPU_CFGS = {
+    # (fp32, small head dim)
+    (False, True): _Cfgs(_Cfg(128, 64, 4, 3), _Cfg(32, 128, 4, 3), _Cfg(128, 32, 4, 3), 128),
+    (False, False): _Cfgs(_Cfg(128, 64, 8, 3), _Cfg(32, 128, 8, 3), _Cfg(128, 32, 8, 3), 128),
+    (True, True): _Cfgs(_Cfg(64, 32, 4, 2), _Cfg(32, 64, 4, 2), _Cfg(64, 32, 4, 2), 64),
+    (True, False): _Cfgs(_Cfg(64, 32, 8, 2), _Cfg(32, 64, 8, 2), _Cfg(64, 32, 8, 2), 64),
+}
+
+
+def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> _Cfgs:
+    if device.type != "cuda":
+        return _INTERPRET_CFGS
+    return _GPU_CFGS[(dtype == torch.float32, head_dim <= 64)]
+
+
+def _block_d(head_dim: int) -> int:
+    return triton.next_power_of_2(head_dim)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Only matters for fp32 operands (16-bit dots are exact products with fp32 accumulation).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_offsets(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[3] * abs(t.stride(3)) >= 2**31:
+            raise ValueError(
+                f"one (batch, head) slice spans >= 2**31 elements (seq {t.shape[1]}, seq stride "
+                f"{t.stride(1)}): outside the Triton attention envelope"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+def _fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    cfg = _configs(d, q.dtype, q.device).fwd
+    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(sq, cfg.block_m), b * h)
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, sq, sk, h // hk, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def _bwd(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    cfgs = _configs(d, q.dtype, q.device)
+    block_d = _block_d(d)
+    prec = _dot_precision(q.dtype)
+
+    delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    attn_bwd_preprocess_kernel[(triton.cdiv(sq, cfgs.pre_block_m), b * h)](
+        out, do, dlse if dlse is not None else delta, delta,
+        *out.stride(), *do.stride(), h, sq,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfgs.pre_block_m, HAS_DLSE=dlse is not None,
+    )  # fmt: skip
+
+    dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, sk, hk, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, sk, hk, d), dtype=v.dtype, device=v.device)
+    c = cfgs.dkdv
+    attn_bwd_dkdv_kernel[(triton.cdiv(sk, c.block_n), b * hk)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        h, hk, sq, sk, h // hk, scale, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, DOT_PREC=prec,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )  # fmt: skip
+    c = cfgs.dq
+    attn_bwd_dq_kernel[(triton.cdiv(sq, c.block_m), b * h)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        h, sq, sk, h // hk, scale, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, DOT_PREC=prec,
+        num_warps=c.num_warps, num_stages=c.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float):
+        out, lse = _fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        ctx.scale = scale
+        # Unused outputs then arrive as None: no zero-filled dO/dLSE tensors, no wasted preprocess work.
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.float().contiguous()
+        dq, dk, dv = _bwd(do, dlse, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Other backends and the reference
+# ----------------------------------------------------------------------------------------------------
+def _visible_mask(sq: int, sk: int, causal: bool, device: torch.device) -> torch.Tensor:
+    """(sq, sk) bool: query i may attend key j (bottom-right aligned when causal)."""
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    return mask.tril(sk - sq) if causal else mask
 
 
 def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None
-) -> torch.Tensor:
-    """fp32 torch reference (materialises S x S; tests only). Returns q.dtype."""
-    b, s, h, d = q.shape
-    hk = k.shape[2]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    *,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference in `compute_dtype` torch (fp32 by default; tests use fp64). Materialises S x S.
+
+    Same semantics as `attention`: GQA by repeat_interleave, bottom-right causal alignment, rows that see
+    no key give 0 (lse -inf). Returns q.dtype (and lse in fp32 when asked).
+    """
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
+    qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))
     if hk != h:
         kf = kf.repeat_interleave(h // hk, dim=1)
         vf = vf.repeat_interleave(h // hk, dim=1)
     scores = (qf @ kf.transpose(-1, -2)) * scale
-    if causal:
-        sk = k.shape[1]
-        mask = torch.ones(s, sk, dtype=torch.bool, device=q.device).tril(sk - s)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vf
-    return out.transpose(1, 2).to(q.dtype)
+    scores = scores.masked_fill(~_visible_mask(sq, sk, causal, q.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (b, h, sq); -inf for rows that see nothing
+    # exp(s - lse) with lse replaced by +inf on empty rows gives 0 there instead of NaN.
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), float("inf"), lse).unsqueeze(-1))
+    out = (probs @ vf).transpose(1, 2).to(q.dtype)
+    if return_lse:
+        return out, lse.float()
+    return out
 
 
-def _sdpa(q, k, v, causal, softmax_scale):
-    h, hk = q.shape[2], k.shape[2]
+def _sdpa(q, k, v, causal: bool, scale: float | None) -> torch.Tensor:
+    sq, h = q.shape[1], q.shape[2]
+    sk, hk = k.shape[1], k.shape[2]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        qt, kt, vt, is_causal=causal, scale=softmax_scale, enable_gqa=(h != hk)
-    )
-    return out.transpose(1, 2)
+    if not causal or sq == sk:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=(h != hk))
+        return out.transpose(1, 2)
+    # SDPA's is_causal is top-left aligned: build the bottom-right mask ourselves. Rows that see nothing
+    # are let see everything (no NaN in fwd or bwd) and then zeroed, matching the other backends.
+    mask = _visible_mask(sq, sk, True, q.device)
+    row_ok = mask.any(dim=1)
+    mask = mask | ~row_ok[:, None]
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=(h != hk))
+    return (out * row_ok[:, None].to(out.dtype)).transpose(1, 2)
+
+
+def _flash_attn(q, k, v, causal: bool, scale: float | None, return_lse: bool):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as e:
+        raise ValueError("backend='flash_attn' needs the flash-attn package (pip install flash-attn)") from e
+    if return_lse:
+        out, lse, _ = flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, return_attn_probs=True)
+        return out, lse
+    return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional entry point
+# ----------------------------------------------------------------------------------------------------
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k/v must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    if softmax_scale is not None and not (
+        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
+    ):
+        raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
 
 
 def attention(
@@ -52,15 +300,46 @@ def attention(
     softmax_scale: float | None = None,
     *,
     backend: str = "auto",
-) -> torch.Tensor:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over (batch, seq, heads, head_dim) tensors; see the module docstring."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    _validate(q, k, v, softmax_scale)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    if backend == "auto":
+        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        backend = "triton" if use_triton(q) and not cpu_bf16 else "sdpa"
+
+    if b == 0 or sq == 0 or h == 0 or d == 0:
+        out = q.clone()  # empty, but still part of the autograd graph
+        lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+        return (out, lse) if return_lse else out
+    if sk == 0:
+        raise ValueError("k and v have sequence length 0 while q does not: nothing to attend to")
+
     if backend == "ref":
-        return attention_ref(q, k, v, causal, softmax_scale)
-    return _sdpa(q, k, v, causal, softmax_scale)
+        return attention_ref(q, k, v, causal, softmax_scale, return_lse=return_lse)
+    if backend == "flash_attn":
+        return _flash_attn(q, k, v, causal, softmax_scale, return_lse)
+    if backend == "sdpa":
+        if return_lse:
+            raise ValueError(
+                "return_lse=True is not available with backend='sdpa' (use triton, flash_attn or ref)"
+            )
+        return _sdpa(q, k, v, causal, softmax_scale)
+
+    # backend == "triton"
+    use_triton(q, "triton")  # raises a clear error for CPU tensors without TRITON_INTERPRET=1
+    if d not in TRITON_HEAD_DIMS:
+        raise ValueError(f"triton attention supports head_dim in {TRITON_HEAD_DIMS}, got {d}")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and interpreter_enabled():
+        raise ValueError(
+            "bfloat16 attention cannot run in the Triton interpreter (its bf16 tl.dot is wrong): "
+            "use float16/float32 or backend='sdpa'"
+        )
+    _check_offsets(q, k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out, lse = _TritonAttention.apply(q, k, v, bool(causal), scale)
+    return (out, lse) if return_lse else out

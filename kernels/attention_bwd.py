@@ -13,7 +13,9 @@ Two passes, so no atomics and bit-reproducible results:
 - dQ: one program per (query block, batch, query head), looping over KV blocks like the forward.
 Both split their loop into the diagonal blocks (causal mask applied) and the fully visible ones.
 
-Fully masked query rows (lse = -inf, see attention_fwd.py) are read as lse = +inf so P = 0 there.
+Fully masked query rows (lse = -inf, see attention_fwd.py) only ever meet keys in the masked (diagonal)
+loops, where tl.where replaces their exp2(s + inf) = inf by 0 before it is used, so they get zero gradients
+without a special case. Padding rows past seqlen_q read lse = +inf, hence P = 0.
 """
 
 from __future__ import annotations
@@ -118,8 +120,7 @@ def _dkdv_inner(
         do = tl.load(
             do_base + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=do_mask, other=0.0
         )
-        lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
 
         sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale
@@ -402,8 +403,7 @@ def attn_bwd_dq_kernel(
         other=0.0,
     )
     row = pid_bh.to(tl.int64) * SEQ_Q + offs_m
-    lse = tl.load(LSE + row, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.load(LSE + row, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 

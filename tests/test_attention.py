@@ -123,11 +123,16 @@ def test_matches_fp64_reference(b, sq, sk, h, hk, d, causal, dtype):
 
 @pytest.mark.parametrize(
     "sq,sk,causal,dtype",
+    # seqlen_k - seqlen_q = -30, 47, -2, 14, -17, 39 (and 12 non-causal): tiles cut the causal diagonal
+    # at many offsets, including one key past a tile edge, which off-by-one loop bounds would get wrong.
     [
         (50, 20, True, torch.float32),
         (20, 67, True, torch.float16),
-        (33, 45, False, torch.float32),
+        (34, 32, True, torch.float32),
+        (20, 34, True, torch.float32),
+        (64, 47, True, torch.float16),
         (1, 40, True, torch.float32),
+        (33, 45, False, torch.float32),
     ],
 )
 def test_unequal_lengths_bottom_right(sq, sk, causal, dtype):

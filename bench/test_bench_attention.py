@@ -14,6 +14,8 @@ appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl. Self-contained: no b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -97,25 +99,8 @@ def _record(row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-@pytest.mark.parametrize("which", PASSES)
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("d", HEAD_DIMS)
-@pytest.mark.parametrize("seq", SEQS)
-def test_attention(benchmark, seq, d, backend, which):
-    if backend == "triton" and not (CUDA or interpreter_enabled()):
-        pytest.skip("triton attention needs CUDA (or TRITON_INTERPRET=1, far too slow to benchmark)")
-    if backend == "triton" and not CUDA and seq > 128:
-        pytest.skip("interpreter: only the smallest shape, as a harness check")
-    if backend == "flash_attn":
-        pytest.importorskip("flash_attn")
-    h, b = HIDDEN // d, TOKENS // seq
-    try:
-        step = _make_step(backend, which, b, seq, h, d)
-        step()  # compile / pick kernels outside the timing
-        _sync()
-    except RuntimeError as e:  # an SDPA backend without a kernel for this device/shape
-        pytest.skip(f"{backend} unavailable here: {str(e).splitlines()[0][:200]}")
-
+def _time_and_record(benchmark, step, b: int, h: int, seq: int, d: int, backend: str, which: str, **extra):
+    """Benchmark `step`, put TFLOP/s etc. in benchmark.extra_info and the JSONL file."""
     # Repeat the step inside one timed call so each round lasts >= ~5 ms and the host sync after it is noise.
     t0 = time.perf_counter()
     step()
@@ -152,7 +137,63 @@ def test_attention(benchmark, seq, d, backend, which):
         "pass": which,
         "median_ms": median_s * 1e3,
         "tflops": tflops,
+        **extra,
     }
     benchmark.extra_info.update(info)
     _record(info)
     assert math.isfinite(tflops) and tflops > 0
+
+
+@pytest.mark.parametrize("which", PASSES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", HEAD_DIMS)
+@pytest.mark.parametrize("seq", SEQS)
+def test_attention(benchmark, seq, d, backend, which):
+    if backend == "triton" and not (CUDA or interpreter_enabled()):
+        pytest.skip("triton attention needs CUDA (the interpreter is only for tests)")
+    if backend == "triton" and not CUDA and seq > 128:
+        pytest.skip("interpreter: only the smallest shape, as a harness check")
+    if backend == "flash_attn":
+        pytest.importorskip("flash_attn")
+    h, b = HIDDEN // d, TOKENS // seq
+    if backend == "triton" and not CUDA:
+        h, b = 1, 1  # the interpreter runs programs one by one in Python: keep the harness check quick
+    try:
+        step = _make_step(backend, which, b, seq, h, d)
+        step()  # compile / pick kernels outside the timing
+        _sync()
+    except RuntimeError as e:  # an SDPA backend without a kernel for this device/shape
+        pytest.skip(f"{backend} unavailable here: {str(e).splitlines()[0][:200]}")
+    _time_and_record(benchmark, step, b, h, seq, d, backend, which)
+
+
+# Launch-config sweep for the Triton kernels (GPU only): times alternatives to the fixed table in
+# kernels/attention.py at seq 4096 so it can be re-chosen from measurements. (block_m, block_n, warps, stages)
+SWEEP = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
+    ("dkdv", 64): [(32, 128, 8, 3), (32, 128, 4, 3), (16, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    ("dkdv", 128): [(32, 128, 8, 3), (32, 128, 4, 3), (16, 128, 8, 3), (64, 128, 8, 2), (16, 64, 8, 3)],
+    ("dq", 64): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+    ("dq", 128): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+SWEEP_CASES = [(kern, d, cfg) for (kern, d), cfgs in SWEEP.items() for cfg in cfgs]
+
+
+@pytest.mark.skipif(not CUDA, reason="config sweep needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "kern,d,cfg", SWEEP_CASES, ids=[f"{k}-d{d}-{'x'.join(map(str, c))}" for k, d, c in SWEEP_CASES]
+)
+def test_attention_config_sweep(benchmark, monkeypatch, kern, d, cfg):
+    attn_mod = importlib.import_module("fastgrow.kernels.attention")
+    key = (False, d <= 64)
+    table = dict(attn_mod._GPU_CFGS)
+    table[key] = dataclasses.replace(table[key], **{kern: attn_mod._Cfg(*cfg)})
+    monkeypatch.setattr(attn_mod, "_GPU_CFGS", table)
+    seq = 4096
+    h, b = HIDDEN // d, TOKENS // seq
+    which = "fwd" if kern == "fwd" else "bwd"
+    step = _make_step("triton", which, b, seq, h, d)
+    step()
+    _sync()
+    _time_and_record(benchmark, step, b, h, seq, d, "triton", which, kernel=kern, config=list(cfg))

@@ -177,6 +177,7 @@ def attn_bwd_dkdv_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PAD_D: tl.constexpr,  # BLOCK_D != HEAD_DIM: mask the padded head-dim lanes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -186,7 +187,6 @@ def attn_bwd_dkdv_kernel(
     pid_bhk = tl.program_id(1)
     off_b = (pid_bhk // HK).to(tl.int64)
     off_hk = (pid_bhk % HK).to(tl.int64)
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -367,6 +367,7 @@ def attn_bwd_dq_kernel(
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PAD_D: tl.constexpr,  # BLOCK_D != HEAD_DIM: mask the padded head-dim lanes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -377,7 +378,6 @@ def attn_bwd_dq_kernel(
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hk = off_h // GROUP
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -199,6 +199,28 @@ def test_other_tile_shapes(monkeypatch):
         check_against_ref(*_make(1, 70, 29, 2, 2, 32, torch.float32), True)
 
 
+def test_model_attention_layer_triton_matches_ref():
+    # The model's own path: packed wqkv projection, strided q/k/v views, RoPE, GQA, then attention.
+    import dataclasses
+
+    from fastgrow.config import ModelConfig
+    from fastgrow.model import Attention, rope_tables
+
+    cfg = ModelConfig(dim=64, n_heads=2, n_kv_heads=1, attn_backend="ref")
+    layer = Attention(cfg)
+    cos, sin = rope_tables(cfg.head_dim, 24, cfg.rope_theta)
+    x = torch.randn(2, 24, cfg.dim)
+    grads = {}
+    for backend in ("ref", "triton"):
+        layer.cfg = dataclasses.replace(cfg, attn_backend=backend)
+        layer.zero_grad()
+        out = layer(x, cos, sin)
+        out.square().sum().backward()
+        grads[backend] = (out.detach(), layer.wqkv.weight.grad.clone(), layer.wo.weight.grad.clone())
+    for a, b in zip(grads["triton"], grads["ref"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_batch():
     q, k, v = (t.requires_grad_() for t in _make(0, 5, 5, 2, 1, 32, torch.float32))
     out, lse = attention(q, k, v, backend="triton", return_lse=True)

@@ -16,8 +16,8 @@ for `flash_attn_func(q, k, v, softmax_scale=..., causal=...)`:
 Backends: "triton" (the fused kernels of attention_fwd.py / attention_bwd.py, FlashAttention-2 algorithm,
 deterministic backward without atomics), "sdpa" (torch scaled_dot_product_attention), "flash_attn"
 (flash_attn_func, imported lazily), "ref" (`attention_ref`, fp32 torch, materialises S x S), "auto"
-(triton where `use_triton(q)`, i.e. CUDA or CPU under TRITON_INTERPRET=1, else sdpa; bfloat16 on CPU goes
-to sdpa because the interpreter cannot do bf16 dots).
+(triton where `use_triton(q)`, i.e. CUDA or CPU under TRITON_INTERPRET=1, and the input is inside the
+Triton envelope below; otherwise sdpa, e.g. bfloat16 on CPU, which the interpreter cannot do).
 
 Triton envelope: head_dim 32, 64, 96, 128 (96 runs in a 128-wide tile masked on d); fp16 and bf16 on GPU,
 fp32 everywhere (GPU dots in exact fp32, "ieee", since fp32 is the accuracy path); any sequence length >= 1.
@@ -263,6 +263,8 @@ def _sdpa(q, k, v, causal: bool, scale: float | None) -> torch.Tensor:
 
 
 def _flash_attn(q, k, v, causal: bool, scale: float | None, return_lse: bool):
+    if not q.is_cuda or q.dtype == torch.float32:
+        raise ValueError(f"backend='flash_attn' needs CUDA fp16/bf16 tensors, got {q.device} {q.dtype}")
     try:
         from flash_attn import flash_attn_func
     except ImportError as e:
@@ -315,8 +317,9 @@ def attention(
     b, sq, h, d = q.shape
     sk = k.shape[1]
     if backend == "auto":
+        # Outside the Triton envelope (other head dims; bf16 in the interpreter) auto means SDPA.
         cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        backend = "triton" if use_triton(q) and not cpu_bf16 else "sdpa"
+        backend = "triton" if use_triton(q) and d in TRITON_HEAD_DIMS and not cpu_bf16 else "sdpa"
 
     if b == 0 or sq == 0 or h == 0 or d == 0:
         out = q.clone()  # empty, but still part of the autograd graph

@@ -263,11 +263,15 @@ def test_validation_errors():
     if interpreter_enabled():
         with pytest.raises(ValueError, match="interpreter"):
             attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="triton")
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="flash-attn"):
-            attention(q, k, v, backend="flash_attn")
+    with pytest.raises(ValueError, match="flash_attn"):
+        attention(q, k, v, backend="flash_attn")  # CPU fp32
+
+
+def test_auto_falls_back_to_sdpa_outside_triton_envelope():
+    q, k, v = _make(1, 9, 9, 2, 1, 80, torch.float32)  # head_dim 80: no Triton kernel
+    torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+    qb, kb, vb = (t.bfloat16() for t in _make(1, 9, 9, 2, 1, 32, torch.float32))
+    torch.testing.assert_close(attention(qb, kb, vb), attention(qb, kb, vb, backend="sdpa"), atol=0, rtol=0)
 
 
 # Compiles the real kernels for an H100 (sm_90a) without a GPU, in a child process with the interpreter

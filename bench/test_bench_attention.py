@@ -173,7 +173,7 @@ SWEEP = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
     ("dkdv", 64): [(32, 128, 8, 3), (32, 128, 4, 3), (16, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-    ("dkdv", 128): [(32, 128, 8, 3), (16, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 2), (16, 64, 8, 3)],
+    ("dkdv", 128): [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 2)],
     ("dq", 64): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
     ("dq", 128): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
@@ -194,6 +194,9 @@ def test_attention_config_sweep(benchmark, monkeypatch, kern, d, cfg):
     h, b = HIDDEN // d, TOKENS // seq
     which = "fwd" if kern == "fwd" else "bwd"
     step = _make_step("triton", which, b, seq, h, d)
-    step()
-    _sync()
+    try:
+        step()
+        _sync()
+    except triton.runtime.errors.OutOfResources as e:  # e.g. too much shared memory for this GPU
+        pytest.skip(f"config does not fit: {e}")
     _time_and_record(benchmark, step, b, h, seq, d, "triton", which, kernel=kern, config=list(cfg))

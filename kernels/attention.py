@@ -46,12 +46,13 @@ _LOG2E = 1.4426950408889634
 # Launch configurations: a fixed table (no autotune, so runs are reproducible and the first step is not
 # spent tuning). Keyed by (fp32?, head_dim <= 64?). NOT YET TIMED ON A GPU: the starting points are the
 # tiles FlashAttention-2 and Triton's fused-attention tutorial use on A100/H100, then the warp counts were
-# chosen from an offline sm_90a compile (no GPU: triton.compile + ptxas -v) to avoid register spills.
-# Spill bytes per thread, bf16, triton 3.6 (the GPU machine's version) / 3.9 (here):
-#   fwd  hd64  128x64 w4: 0 / 4           fwd  hd128 128x64 w8: 0 / 0      (w4: 1248 / 300)
-#   dKdV hd64  32x128 w8: 0 / 0 (w4: 348) dKdV hd128 32x128 w8: 504 / 312  (w4: 4144 / 3756;
-#                                           16x128 w8 s2: 32, but 16-wide wgmma tiles are inefficient)
-#   dQ   hd64 128x32  w8: 0 / 0           dQ   hd128 128x32 w8: 0 / 20     (w4: 804 / 1736)
+# chosen from an offline sm_90a compile (no GPU: triton.compile with the JIT's stride specialisations,
+# then ptxas -v) to avoid register spills. bf16, triton 3.6 (the GPU machine's version), per thread:
+#   fwd  hd64  128x64 w4 s3: 231 regs, 0 spill     fwd  hd128 128x64 w8 s3: 174 regs, 0 (w4: 264 B)
+#   dKdV hd64  32x128 w8 s3: 255 regs, 0 (w4: 424)  dKdV hd128 32x128 w8 s3: 124 B spill (s2: 40 B;
+#                                                    16x128: 0, but 16-wide wgmma tiles are inefficient)
+#   dQ   hd64  128x32 w8 s3: 114 regs, 0            dQ   hd128 128x32 w8 s3: 140 regs, 0 (w4: 192 B)
+# All main loops are software-pipelined (cp.async) and use Hopper wgmma in that compile.
 # - forward: 128 query rows per program keep the tensor cores fed and halve K/V re-reads vs 64;
 #   BLOCK_N 64 bounds the fp32 score tile (128x64) in registers; 3 stages multi-buffer K/V in shared
 #   memory (hd 128: 64 KB of 228 KB).

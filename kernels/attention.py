@@ -26,6 +26,7 @@ Within one (batch, head) slice, offsets are 32-bit (seq * stride_seq < 2**31); b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -183,10 +184,17 @@ def _bwd(
     return dq, dk, dv
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:1 in a process
+    # whose current device is cuda:0).
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float):
-        out, lse = _fwd(q, k, v, causal, scale)
+        with _on_device(q):
+            out, lse = _fwd(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal = causal
         ctx.scale = scale
@@ -201,7 +209,8 @@ class _TritonAttention(torch.autograd.Function):
             do = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.float().contiguous()
-        dq, dk, dv = _bwd(do, dlse, q, k, v, out, lse, ctx.causal, ctx.scale)
+        with _on_device(q):
+            dq, dk, dv = _bwd(do, dlse, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
 

@@ -328,7 +328,8 @@ class BatchLoader:
                 f"data cursor version {state.get('version')!r} is not supported ({_CURSOR_VERSION})"
             )
         mine = self.state_dict()
-        for key in ("split", "seq_len", "batch_size", "seed", "num_windows", "val_fraction", "num_tokens"):
+        # Most explanatory first: a changed setting is reported before the window count it changes.
+        for key in ("split", "seq_len", "batch_size", "seed", "val_fraction", "num_tokens", "num_windows"):
             if key not in state:
                 raise ValueError(f"data cursor is missing {key!r}")
             if state[key] != mine[key]:

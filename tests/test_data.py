@@ -14,6 +14,7 @@ from fastgrow import data as fdata
 from fastgrow.data import (
     EOS_TOKEN,
     DataError,
+    describe,
     parse_hf_source,
     prepare,
     sha256_file,
@@ -152,6 +153,7 @@ def test_txt_folder_roundtrip_and_meta(txt_corpus, prepared):
         assert sha256_file(out / s["file"]) == s["sha256"]
     assert sha256_file(out / "tokenizer.json") == meta["tokenizer"]["sha256"]
     assert json.loads((out / "meta.json").read_text()) == meta
+    assert describe(meta, out).startswith(f"{meta['num_tokens']:,} tokens (3 documents, ")
     # The literal EOS string inside c.py is encoded as text: exactly one EOS id per document.
     ids = stream(meta, out)
     assert int((ids == meta["eos_id"]).sum()) == 3 and int(ids.max()) < meta["vocab_size"]

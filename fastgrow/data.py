@@ -48,6 +48,7 @@ Determinism: the same sources, options and library versions give byte-identical 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -201,19 +202,29 @@ class _ReadStats:
     truncated: bool = False
 
 
-def _check_text_file(path: Path) -> str | None:
-    """None if `path` is readable UTF-8 text, else the reason it is not (binary / undecodable)."""
+def _check_text_file(path: Path, chunk: int = 8 << 20) -> str | None:
+    """None if `path` is readable UTF-8 text, else the reason it is not (binary / undecodable).
+    Reads in chunks so a large file is never held in memory twice."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                final = not block
+                nul = block.find(b"\x00")
+                if nul >= 0:
+                    return f"contains NUL bytes (byte {offset + nul}; binary file?)"
+                pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+                try:
+                    decoder.decode(block, final=final)
+                except UnicodeDecodeError as e:
+                    return f"is not valid UTF-8 (byte {offset - pending + e.start}: {e.reason})"
+                if final:
+                    return None
+                offset += len(block)
     except OSError as e:
         raise DataError(f"cannot read input file {path}: {e.strerror or e}") from None
-    if b"\x00" in data:
-        return "contains NUL bytes (binary file?)"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"is not valid UTF-8 (byte {e.start}: {e.reason})"
-    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -276,7 +287,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
         ds = datasets.load_dataset(
             "text", data_files=[str(f) for f in files], sample_by="document", split="train", streaming=True
         )
-        for row in ds:
+        for row in _guarded(ds, f"cannot read text files {files[0]} ... {files[-1]}"):
             yield row["text"]
         return
     if part.kind in ("json", "parquet"):

@@ -426,3 +426,15 @@ def test_hf_source_code_path(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="cannot load Hugging Face dataset 'x'.*ConnectionError"):
         prepare("hf:x", tmp_path / "out3", vocab_size=280, progress=False)
     assert no_leftovers(tmp_path) == []
+
+
+def test_text_check_is_chunk_safe(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("aé€😀b" * 5)  # multi-byte characters straddle every 3-byte chunk boundary
+    assert fdata._check_text_file(f, chunk=3) is None
+    f.write_bytes(b"abcdefg\x00h")
+    assert "NUL bytes (byte 7" in fdata._check_text_file(f, chunk=3)
+    f.write_bytes("aé".encode() + b"\xff" + b"zz")
+    assert "not valid UTF-8 (byte 3:" in fdata._check_text_file(f, chunk=2)
+    f.write_bytes("ab€".encode()[:-1])  # truncated final character
+    assert "not valid UTF-8 (byte 2:" in fdata._check_text_file(f, chunk=3)

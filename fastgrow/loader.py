@@ -132,7 +132,8 @@ class TokenData:
                         f"shard {path}: checksum mismatch (sha256 {got[:16]}..., expected "
                         f"{shard['sha256'][:16]}...); the file is corrupt, re-run `fastgrow prepare`"
                     )
-            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
+            # mmap cannot map an empty file; an empty shard contributes nothing to the stream.
+            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype))
             total += n
         if total != int(meta["num_tokens"]):
             raise DataError(

@@ -103,6 +103,13 @@ def test_corrupt_shard_detected(tmp_path):
     with pytest.raises(ValueError, match=r"tokens-00002\.bin: checksum mismatch"):
         TokenData.open(d)
     assert TokenData.open(d, verify=False).num_tokens == 5000  # sizes still match: opens unverified
+    meta = json.loads((d / "meta.json").read_text())  # an empty shard (hand-made) is harmless
+    (d / "tokens-00005.bin").write_bytes(b"")
+    meta["shards"].append(
+        {"file": "tokens-00005.bin", "num_tokens": 0, "sha256": sha256_file(d / "tokens-00005.bin")}
+    )
+    (d / "meta.json").write_text(json.dumps(meta))
+    assert TokenData.open(d, verify=False).read(4990, 10).tolist() == list(range(4990, 5000))
     good = (d / "tokens-00003.bin").read_bytes()
     (d / "tokens-00003.bin").write_bytes(good[:-2])
     with pytest.raises(ValueError, match=r"tokens-00003\.bin: size mismatch"):

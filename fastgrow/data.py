@@ -39,6 +39,16 @@ and renamed into place; on any error the temp dir is removed. A complete ``out_d
 is only replaced when ``overwrite=True``: the old one is renamed away, the new one renamed in, the old one
 deleted. A directory without meta.json that is not empty is never replaced (it is not ours to delete).
 
+Options: ``max_bytes`` caps the UTF-8 text taken (documents in source order; the last one is cut at a
+character boundary). A trained tokenizer may end up smaller than ``vocab_size`` on a tiny corpus; meta.json
+records the real size, which the model's vocab must be at least. ``shard_tokens`` bounds a shard's size.
+
+Errors (one line each, naming the thing): missing source / tokenizer path -> ``FileNotFoundError``; a
+complete ``out_dir`` without ``overwrite`` -> ``FileExistsError``; no input files, no text, a binary or
+non-UTF-8 text file, an unreadable file, a json/parquet/Hub source without ``text_field`` (the message
+lists the fields it has), a tokenizer without ``eos_token`` -> ``DataError``; bad option values ->
+``ValueError``.
+
 Determinism: the same sources, options and library versions give byte-identical shards and meta.json
 (no timestamps are recorded).
 

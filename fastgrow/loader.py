@@ -132,7 +132,8 @@ class TokenData:
                         f"shard {path}: checksum mismatch (sha256 {got[:16]}..., expected "
                         f"{shard['sha256'][:16]}...); the file is corrupt, re-run `fastgrow prepare`"
                     )
-            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
+            # mmap cannot map an empty file; an empty shard contributes nothing to the stream.
+            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype))
             total += n
         if total != int(meta["num_tokens"]):
             raise DataError(
@@ -328,7 +329,8 @@ class BatchLoader:
                 f"data cursor version {state.get('version')!r} is not supported ({_CURSOR_VERSION})"
             )
         mine = self.state_dict()
-        for key in ("split", "seq_len", "batch_size", "seed", "num_windows", "val_fraction", "num_tokens"):
+        # Most explanatory first: a changed setting is reported before the window count it changes.
+        for key in ("split", "seq_len", "batch_size", "seed", "val_fraction", "num_tokens", "num_windows"):
             if key not in state:
                 raise ValueError(f"data cursor is missing {key!r}")
             if state[key] != mine[key]:

@@ -259,9 +259,7 @@ def _rows_text(rows: Iterable[dict], text_field: str, where: str, stats: _ReadSt
     """The `text_field` of each row; a missing field names the field, the source and the fields it has."""
     for i, row in enumerate(rows):
         if text_field not in row:
-            raise DataError(
-                f"{where}: no field {text_field!r} (fields: {sorted(row)}); set text_field / --text-field"
-            )
+            raise DataError(f"{where}: no field {text_field!r} (fields: {sorted(row)}); set text_field / --text-field")
         value = row[text_field]
         if value is None:
             stats.skipped_records += 1
@@ -286,9 +284,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
                 if part.lenient:
                     stats.skipped_files += 1
                     continue
-                raise DataError(
-                    f"input file {f} {reason}; only text, .jsonl/.json and .parquet are supported"
-                )
+                raise DataError(f"input file {f} {reason}; only text, .jsonl/.json and .parquet are supported")
             files.append(f)
             # Decoded text never has more UTF-8 bytes than the file (newline translation only shrinks it).
             covered += f.stat().st_size
@@ -314,9 +310,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
     if part.kind == "hf":
         assert part.hf is not None
         name, config, split = part.hf
-        where = (
-            f"Hugging Face dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
-        )
+        where = f"Hugging Face dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
         try:
             ds = datasets.load_dataset(name, config, split=split, streaming=True)
         except Exception as e:
@@ -327,9 +321,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
         yield from _rows_text(_guarded(ds, f"cannot read {where}"), text_field, where, stats)
 
 
-def iter_documents(
-    parts: list[_Part], text_field: str, max_bytes: int | None, stats: _ReadStats
-) -> Iterator[str]:
+def iter_documents(parts: list[_Part], text_field: str, max_bytes: int | None, stats: _ReadStats) -> Iterator[str]:
     """Non-empty documents in source order, stopping after `max_bytes` UTF-8 bytes (the last document is
     cut at a character boundary so the total never exceeds the cap)."""
     remaining = float("inf") if max_bytes is None else max_bytes
@@ -479,9 +471,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(
-    docs: Iterable[str], vocab_size: int, *, eos_token: str = EOS_TOKEN, progress: bool = True
-):
+def train_tokenizer(docs: Iterable[str], vocab_size: int, *, eos_token: str = EOS_TOKEN, progress: bool = True):
     """A byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer and decoder, no prefix space) trained on
     `docs`, with `eos_token` as its only special token (id 0). May end up smaller than `vocab_size` when
     the corpus has fewer distinct merges."""
@@ -534,8 +524,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> str:
     state = _existing_state(out_dir)
     if state == "complete" and not overwrite:
         raise FileExistsError(
-            f"output directory {out_dir} already holds prepared data; "
-            "pass overwrite=True (--overwrite) to replace it"
+            f"output directory {out_dir} already holds prepared data; pass overwrite=True (--overwrite) to replace it"
         )
     return state
 
@@ -578,9 +567,7 @@ def prepare(
     meta.json into `out_dir` atomically, and return the metadata dict. See the module docstring."""
     from tqdm.auto import tqdm
 
-    if max_bytes is not None and (
-        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-    ):
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
@@ -589,18 +576,14 @@ def prepare(
     if tokenizer is None and (
         isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_TRAINED_VOCAB
     ):
-        raise ValueError(
-            f"vocab_size must be an integer >= {MIN_TRAINED_VOCAB} (256 bytes + EOS), got {vocab_size!r}"
-        )
+        raise ValueError(f"vocab_size must be an integer >= {MIN_TRAINED_VOCAB} (256 bytes + EOS), got {vocab_size!r}")
     out_dir = Path(out_dir)
     parts, described = resolve_sources(source)
     tok = None
     if tokenizer is not None:
         tok = _load_tokenizer(Path(tokenizer))
         if tok.token_to_id(eos_token) is None:
-            raise DataError(
-                f"tokenizer {tokenizer} has no {eos_token!r} token (set eos_token to its EOS token)"
-            )
+            raise DataError(f"tokenizer {tokenizer} has no {eos_token!r} token (set eos_token to its EOS token)")
     _check_out_dir(out_dir, overwrite)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

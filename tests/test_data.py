@@ -199,9 +199,7 @@ def test_jsonl_and_parquet(tmp_path):
 def test_stdlib_with_max_bytes(tmp_path):
     root, files = stdlib_files()
     assert files and all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
-    assert [f.relative_to(root).as_posix() for f in files] == sorted(
-        f.relative_to(root).as_posix() for f in files
-    )
+    assert [f.relative_to(root).as_posix() for f in files] == sorted(f.relative_to(root).as_posix() for f in files)
     meta = prepare("stdlib", tmp_path / "std", vocab_size=300, max_bytes=40_000, progress=False)
     assert meta["num_bytes"] == 40_000 and meta["max_bytes"] == 40_000 and meta["truncated"]
     assert meta["sources"][0]["kind"] == "stdlib" and meta["sources"][0]["files"] == len(files)
@@ -413,9 +411,7 @@ def test_hf_source_code_path(tmp_path, monkeypatch):
         return real("json", data_files=[str(jl)], split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    meta = prepare(
-        "hf:someone/stories:cfg@train", tmp_path / "out", text_field="story", **dict(vocab_size=280)
-    )
+    meta = prepare("hf:someone/stories:cfg@train", tmp_path / "out", text_field="story", **dict(vocab_size=280))
     assert calls == [("someone/stories", "cfg", {"split": "train", "streaming": True})]
     assert meta["sources"] == [{"kind": "hf", "name": "someone/stories", "config": "cfg", "split": "train"}]
     assert meta["num_documents"] == 3

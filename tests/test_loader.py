@@ -105,9 +105,7 @@ def test_corrupt_shard_detected(tmp_path):
     assert TokenData.open(d, verify=False).num_tokens == 5000  # sizes still match: opens unverified
     meta = json.loads((d / "meta.json").read_text())  # an empty shard (hand-made) is harmless
     (d / "tokens-00005.bin").write_bytes(b"")
-    meta["shards"].append(
-        {"file": "tokens-00005.bin", "num_tokens": 0, "sha256": sha256_file(d / "tokens-00005.bin")}
-    )
+    meta["shards"].append({"file": "tokens-00005.bin", "num_tokens": 0, "sha256": sha256_file(d / "tokens-00005.bin")})
     (d / "meta.json").write_text(json.dumps(meta))
     assert TokenData.open(d, verify=False).read(4990, 10).tolist() == list(range(4990, 5000))
     good = (d / "tokens-00003.bin").read_bytes()
@@ -212,9 +210,7 @@ def test_resume_mismatch_errors(arange_dir, tmp_path):
         with pytest.raises(ValueError, match=f"data cursor mismatch: {field}"):
             loader(td, **kw).load_state_dict(state)
     other = TokenData.open(write_dataset(tmp_path / "o", np.arange(20_000), 5000))
-    with pytest.raises(
-        ValueError, match="data cursor mismatch: num_tokens is 10007 in the saved state but 20000"
-    ):
+    with pytest.raises(ValueError, match="data cursor mismatch: num_tokens is 10007 in the saved state but 20000"):
         loader(other).load_state_dict(state)
     with pytest.raises(ValueError, match="data cursor mismatch: num_windows"):
         loader(td).load_state_dict({**state, "num_windows": 5})

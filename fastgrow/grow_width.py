@@ -107,12 +107,15 @@ class WidthMap:
             o_row += self.old[row]
             n_row += self.new[row]
 
+    def out_mult(self, name: str) -> int:
+        """Multiplicity of a parameter's output axis (all its row sections share one)."""
+        out_axis, secs = param_layout(name)
+        return self.mult(secs[0][0] if out_axis == 0 else secs[0][1])
+
     def grad_scale(self, name: str) -> float:
         """Factor s with grad(new) = s * gathered grad(old) (direct) -- 1/multiplicity of the output axis."""
         if self.op == "direct":
-            out_axis, secs = param_layout(name)
-            role = secs[0][0] if out_axis == 0 else secs[0][1]
-            return 1.0 / self.mult(role)
+            return 1.0 / self.out_mult(name)
         if self.op == "zero" and name.endswith("norm.weight"):
             return 1.0 / self.norm_gain_scale
         return 1.0
@@ -167,14 +170,15 @@ class WidthMap:
                     co, cn = self.old[col], self.new[col]
                     rc = cn // co
                     d_sec.view(rr, ro, rc, co).copy_(s_sec.view(1, ro, 1, co))
+                # Divide (by integers, so x/3 rounds like the oracle's x/3) by the multiplicity of the
+                # axis the weight reads (parameters) or by 1/s, 1/s^2 (moments).
                 if kind == "param":
-                    # Divide by the multiplicity of the axis the weight reads (its input axis).
                     in_role = None if col is None else (col if out_axis == 0 else row)
-                    scale = 1.0 / self.mult(in_role)
+                    div = self.mult(in_role)
                 else:
-                    scale = moment_scale
-                if scale != 1.0:
-                    d_sec.mul_(scale)
+                    div = self.out_mult(name) ** (1 if kind == "exp_avg" else 2)
+                if div != 1:
+                    d_sec.div_(div)
             else:
                 block = d_sec if col is None else d_sec.narrow(1, 0, self.old[col])
                 block = block.narrow(0, 0, ro)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 
 from fastgrow.config import ModelConfig, RunConfig, TrainConfig
-from fastgrow.optim import set_lr
+from fastgrow.model import Transformer
+from fastgrow.optim import build_optimizer, set_lr
 from fastgrow.state import TrainState, build_state
 
 
@@ -69,3 +71,14 @@ def opt_state_by_name(state: TrainState) -> dict[str, dict[str, torch.Tensor]]:
 
 def replace_train(cfg: RunConfig, **kw) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
+
+
+def fresh_target_like(grown) -> tuple[Transformer, torch.optim.AdamW]:
+    """A freshly built target model + AdamW loaded with the grown weights and moments (the oracle)."""
+    torch.manual_seed(123)
+    model = Transformer(grown.config.model)
+    model.load_state_dict(grown.model.state_dict())
+    opt = build_optimizer(model, grown.config.train)
+    # deepcopy: load_state_dict keeps same-device tensors by reference, which would share the moments.
+    opt.load_state_dict(copy.deepcopy(grown.optimizer.state_dict()))
+    return model, opt

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from growth_helpers import (
     assert_same_snapshot,
     batch,
+    fresh_target_like,
     opt_state_by_name,
     snapshot,
     tiny_run,
@@ -29,8 +29,6 @@ from fastgrow.grow import (
     stack_sources,
 )
 from fastgrow.grow_depth import parse_spec
-from fastgrow.model import Transformer
-from fastgrow.optim import build_optimizer
 
 BLOCK = (
     "attn_norm.weight",
@@ -212,17 +210,6 @@ def test_stack_maps_layers_moments_and_step(base_state, plan):
     json.dumps(rec)
 
 
-def _fresh_target_like(grown) -> tuple[Transformer, torch.optim.AdamW]:
-    """A freshly built target model + AdamW loaded with the grown weights and moments (the oracle)."""
-    torch.manual_seed(123)
-    model = Transformer(grown.config.model)
-    model.load_state_dict(grown.model.state_dict())
-    opt = build_optimizer(model, grown.config.train)
-    # deepcopy: load_state_dict keeps same-device tensors by reference, which would share the moments.
-    opt.load_state_dict(copy.deepcopy(grown.optimizer.state_dict()))
-    return model, opt
-
-
 @pytest.mark.parametrize(
     "plan",
     [
@@ -235,7 +222,7 @@ def _fresh_target_like(grown) -> tuple[Transformer, torch.optim.AdamW]:
 )
 def test_one_step_after_growth_equals_fresh_target(base_state, plan):
     g = grow(base_state, plan)
-    model, opt = _fresh_target_like(g)
+    model, opt = fresh_target_like(g)
     for grp_new, grp_ref in zip(g.optimizer.param_groups, opt.param_groups):
         assert grp_new["group"] == grp_ref["group"]
         assert grp_new["weight_decay"] == grp_ref["weight_decay"]

@@ -40,7 +40,7 @@ def _sections(cfg, name):
 
 
 def tile_oracle(src_cfg, dst_cfg, name, t, what):
-    """what: 'param' (divide by input multiplicity), 'grad' (times 1/output multiplicity), 'raw' (tile only)."""
+    """what: 'param' (divide by input multiplicity), 'grad' (divide by output multiplicity), 'raw'."""
     so, secs, kind = _sections(src_cfg, name)
     sn, _, _ = _sections(dst_cfg, name)
     parts, row0 = [], 0

@@ -1,16 +1,18 @@
 """Test session setup.
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the Triton kernels run on CPU tensors
-through the interpreter (Triton decides interpret mode when a kernel is decorated). The model itself
-still uses the fp32 reference ops on CPU unless a test asks for kernel_impl="triton".
+On a machine without CUDA, TRITON_INTERPRET=1 is set before anything imports triton, so the Triton
+kernels run on CPU tensors through the interpreter (Triton decides interpret mode when a kernel is
+decorated; `import torch` does not import triton). The model itself still uses the fp32 reference ops
+on CPU unless a test asks for kernel_impl="triton". On a GPU machine the kernels compile for the GPU.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -265,10 +265,11 @@ def _check_optimizer(state: TrainState) -> None:
 def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     """Return a new TrainState with the grown model, optimizer and schedule (see the module doc).
 
-    The input state is not modified. Validation (plan, sizes, optimizer state) happens before
-    anything is allocated.
+    The plan is resolved against the live architecture `state.model.cfg`; `state.config` (the run's
+    config as launched) is carried unchanged. The input state is not modified. Validation (plan,
+    sizes, optimizer state) happens before anything is allocated.
     """
-    r = resolve_plan(plan, state.config.model)
+    r = resolve_plan(plan, state.model.cfg)
     _check_optimizer(state)
     old_model = state.model
     dev = state.device
@@ -345,7 +346,10 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     }
     return dataclasses.replace(
         state,
-        config=dataclasses.replace(state.config, model=r.dst),
+        # state.config stays the run's config as launched (its [model] is the base, its [growth] the
+        # event): a resume compares against it. The live architecture is model.cfg (what checkpoints
+        # store as model_config).
+        config=state.config,
         model=new_model,
         optimizer=optimizer,
         schedule=schedule,
@@ -427,7 +431,7 @@ def plan_from_config(growth: GrowthConfig, model: ModelConfig) -> GrowPlan:
 
 def apply_growth(state: TrainState, growth_cfg: GrowthConfig) -> TrainState:
     """What the trainer calls at the growth event: plan_from_config + grow on the live state."""
-    return grow(state, plan_from_config(growth_cfg, state.config.model))
+    return grow(state, plan_from_config(growth_cfg, state.model.cfg))
 
 
 def growth_at_tokens(run: RunConfig) -> int:
@@ -440,5 +444,4 @@ def growth_at_tokens(run: RunConfig) -> int:
         return int(g.at_tokens)
     from fastgrow.plan import auto_growth_tokens
 
-    target = resolve_plan(plan_from_config(g, run.model), run.model).dst
-    return auto_growth_tokens(run, target)
+    return auto_growth_tokens(run)

@@ -203,15 +203,19 @@ def plan_growth(
     )
 
 
-def auto_growth_tokens(run: RunConfig, target: ModelConfig, max_fraction: float = 0.5) -> int:
+def auto_growth_tokens(run: RunConfig, target: ModelConfig | None = None, max_fraction: float = 0.5) -> int:
     """`growth.at_tokens = "auto"`: Eq. 10 for the run's target, clamped to max_fraction of the budget.
 
     The run's token budget is train.max_steps * batch_size * seq_len * grad_accum; N is the target's
-    total parameter count. For runs far below the paper's compute range Eq. 10 asks for more tokens
+    total parameter count. target: the grown architecture (default: what run.growth makes of run.model). For runs far below the paper's compute range Eq. 10 asks for more tokens
     than the run has; then the growth happens at max_fraction of the budget.
     """
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+    if target is None:
+        from fastgrow.grow import plan_from_config, resolve_plan  # grow imports nothing from here
+
+        target = resolve_plan(plan_from_config(run.growth, run.model), run.model).dst
     budget = run.train.max_steps * run.data.batch_size * run.data.seq_len * run.train.grad_accum
     n = target.num_params()
     d = growth_tokens(n, 6.0 * n * budget)

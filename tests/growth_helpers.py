@@ -76,7 +76,7 @@ def replace_train(cfg: RunConfig, **kw) -> RunConfig:
 def fresh_target_like(grown) -> tuple[Transformer, torch.optim.AdamW]:
     """A freshly built target model + AdamW loaded with the grown weights and moments (the oracle)."""
     torch.manual_seed(123)
-    model = Transformer(grown.config.model)
+    model = Transformer(grown.model.cfg)
     model.load_state_dict(grown.model.state_dict())
     opt = build_optimizer(model, grown.config.train)
     # deepcopy: load_state_dict keeps same-device tensors by reference, which would share the moments.

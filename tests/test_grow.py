@@ -154,11 +154,11 @@ def test_zero_depth_growth_keeps_logits_exactly(base_state):
     ref = base_state.model(tok)
     for plan in (GrowPlan("zero", factor=3), GrowPlan("zero", spec="102030")):
         g = grow(base_state, plan)
-        assert g.config.model.n_layers == (9 if plan.factor else 6)
+        assert g.model.cfg.n_layers == (9 if plan.factor else 6)
         out = g.model(tok)
         # New blocks add exact zeros to the residual stream: bitwise equal logits.
         assert torch.equal(out, ref)
-        new = [i for i, s in enumerate(resolve_plan(plan, base_state.config.model).sources) if s < 0]
+        new = [i for i, s in enumerate(resolve_plan(plan, base_state.model.cfg).sources) if s < 0]
         for i in new:
             blk = g.model.layers[i]
             assert (
@@ -182,8 +182,8 @@ def test_zero_depth_growth_keeps_logits_exactly(base_state):
 )
 def test_stack_maps_layers_moments_and_step(base_state, plan):
     g = grow(base_state, plan)
-    sources = resolve_plan(plan, base_state.config.model).sources
-    assert g.config.model.n_layers == len(sources)
+    sources = resolve_plan(plan, base_state.model.cfg).sources
+    assert g.model.cfg.n_layers == len(sources)
     old_p = dict(base_state.model.named_parameters())
     new_p = dict(g.model.named_parameters())
     old_s, new_s = opt_state_by_name(base_state), opt_state_by_name(g)
@@ -201,6 +201,7 @@ def test_stack_maps_layers_moments_and_step(base_state, plan):
         assert torch.equal(new_p[n], old_p[n])
         assert torch.equal(new_s[n]["exp_avg_sq"], old_s[n]["exp_avg_sq"])
     assert g.step == base_state.step and g.tokens == base_state.tokens
+    assert g.config is base_state.config  # the run config as launched; the live arch is model.cfg
     assert g.cursor == base_state.cursor and g.cursor is not base_state.cursor
     rec = g.growth_history[-1]
     assert rec["sources"] == sources and rec["step"] == 3
@@ -309,7 +310,7 @@ def test_grow_does_not_modify_input_and_training_continues(base_state):
     assert_same_snapshot(before, snapshot(base_state))
     assert g.step == 6 and len(g.growth_history) == 1 and base_state.growth_history == []
     g2 = grow(g, GrowPlan("stack", factor=2))
-    assert g2.config.model.n_layers == 12 and len(g2.growth_history) == 2
+    assert g2.model.cfg.n_layers == 12 and len(g2.growth_history) == 2
 
 
 def test_unstepped_optimizer_has_nothing_to_carry():
@@ -328,16 +329,16 @@ def test_plan_from_config_and_apply_growth(base_state):
     cfg = GrowthConfig(
         at_tokens=100, op="partial", spec="1-23*3", noise=0.0, schedule="rewarm", rewarm_steps=2
     )
-    plan = plan_from_config(cfg, base_state.config.model)
+    plan = plan_from_config(cfg, base_state.model.cfg)
     assert plan.depth == "partial" and plan.spec == "1-23*3" and plan.rewarm_steps == 2
     g = apply_growth(base_state, cfg)
-    assert g.config.model.n_layers == 7
+    assert g.model.cfg.n_layers == 7
     g = apply_growth(base_state, GrowthConfig(at_tokens=1, op="stack", factor=2))
-    assert g.config.model.n_layers == 6
+    assert g.model.cfg.n_layers == 6
     g = apply_growth(base_state, GrowthConfig(at_tokens=1, op="width", target_ffn_dim=80))
-    assert g.config.model.n_layers == 3 and g.config.model.ffn_dim == 80
+    assert g.model.cfg.n_layers == 3 and g.model.cfg.ffn_dim == 80
     with pytest.raises(ValueError, match="growth.op"):
-        plan_from_config(GrowthConfig(at_tokens=1, op="bogus"), base_state.config.model)
+        plan_from_config(GrowthConfig(at_tokens=1, op="bogus"), base_state.model.cfg)
 
 
 def test_growth_at_tokens():

@@ -78,7 +78,7 @@ DIRECT_PLANS = [
 def test_direct_width_preserves_logits_and_tiles_weights(state_nowd, plan):
     st = state_nowd
     g = grow(st, plan)
-    src, dst = st.config.model, g.config.model
+    src, dst = st.model.cfg, g.model.cfg
     assert dst.head_dim == src.head_dim
     assert dst.n_heads // dst.n_kv_heads == src.n_heads // src.n_kv_heads
     tok = batch(61, 3)
@@ -105,7 +105,7 @@ def test_direct_width_gradient_and_moment_scaling(state_nowd, plan):
     so one Adam step moves every grown element exactly as its source element moves."""
     st = state_nowd
     g = grow(st, plan)
-    src, dst = st.config.model, g.config.model
+    src, dst = st.model.cfg, g.model.cfg
     old_m, new_m = opt_state_by_name(st), opt_state_by_name(g)
     for n, _ in st.model.named_parameters():
         s_old = old_m[n]
@@ -168,7 +168,7 @@ def test_one_step_after_width_growth_equals_fresh_target(state_nowd, plan):
 def test_zero_width_growth():
     st = trained_state(tiny_run(norm_eps=1e-10), steps=2)
     g = grow(st, GrowPlan("none", width="zero", target_dim=64, target_ffn_dim=50))
-    assert (g.config.model.n_heads, g.config.model.n_kv_heads) == (8, 4)
+    assert (g.model.cfg.n_heads, g.model.cfg.n_kv_heads) == (8, 4)
     tok = batch(61, 6)
     with torch.no_grad():
         # Exact but for RMSNorm's eps (here 1e-10; see grow_width's doc): tight tolerance.

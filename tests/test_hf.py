@@ -144,6 +144,7 @@ def test_hf_created_model_round_trips(tmp_path):
         num_key_value_heads=1,
         max_position_embeddings=64,
         rms_norm_eps=1e-5,
+        rope_theta=2000.0,  # transformers 4.x reads this, 5.x the dict below
         rope_parameters={"rope_type": "default", "rope_theta": 2000.0},
         bos_token_id=0,
         eos_token_id=0,
@@ -154,6 +155,15 @@ def test_hf_created_model_round_trips(tmp_path):
     src.save_pretrained(str(tmp_path / "src"))
     src_sd = load_hf_weights(tmp_path / "src")
     assert "lm_head.weight" in src_sd
+    # the other layouts load_hf_weights reads: sharded safetensors (with an index) and pytorch_model.bin
+    src.save_pretrained(str(tmp_path / "sharded"), max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    _assert_state_dicts_equal(load_hf_weights(tmp_path / "sharded"), src_sd)
+    (tmp_path / "bin").mkdir()
+    torch.save(src_sd, tmp_path / "bin" / "pytorch_model.bin")
+    _assert_state_dicts_equal(load_hf_weights(tmp_path / "bin"), src_sd)
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+        load_hf_weights(tmp_path)
 
     ckpt = import_checkpoint(tmp_path / "src", tmp_path / "run")
     state = load_checkpoint(ckpt)
@@ -228,6 +238,7 @@ def test_tokenizer_files_load_with_autotokenizer(tmp_path, tokenizer_json):
     config = json.loads((out / "config.json").read_text())
     gen = json.loads((out / "generation_config.json").read_text())
     assert config["eos_token_id"] == config["bos_token_id"] == gen["eos_token_id"] == eot
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eot
 
 
 def test_tokenizer_without_special_token_is_rejected_atomically(tmp_path, tokenizer_json):

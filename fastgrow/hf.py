@@ -370,12 +370,24 @@ def from_hf_state_dict(
 # --- tokenizer files -------------------------------------------------------------------------------------
 
 
+def _default_special_token(tok: Any, src: Path) -> str:
+    if tok.token_to_id(DEFAULT_SPECIAL_TOKEN) is not None:
+        return DEFAULT_SPECIAL_TOKEN
+    specials = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
+    if len(specials) != 1:
+        raise ValueError(
+            f"{src}: no {DEFAULT_SPECIAL_TOKEN!r} token and {len(specials)} special tokens {specials[:8]}; "
+            "name the EOS token to use (special_token=...)"
+        )
+    return specials[0]
+
+
 def write_tokenizer_files(
     tokenizer_json: str | Path,
     out_dir: str | Path,
     *,
     model_max_length: int,
-    special_token: str = DEFAULT_SPECIAL_TOKEN,
+    special_token: str | None = None,
     vocab_size: int | None = None,
 ) -> dict[str, int]:
     """Copy a `tokenizers` tokenizer.json into `out_dir` with the files `AutoTokenizer` needs.
@@ -383,8 +395,12 @@ def write_tokenizer_files(
     Writes tokenizer.json (byte-for-byte), tokenizer_config.json (PreTrainedTokenizerFast, loaded
     offline without any hub lookup) and special_tokens_map.json. As in GPT-2, the one special token
     (`<|endoftext|>`, the document separator fastgrow's data preparation inserts) serves as bos, eos and
-    unk; byte-level BPE never produces unk. With `vocab_size` (the model's), a tokenizer with more ids
-    than the model embeds is rejected. Returns {"bos_token_id": id, "eos_token_id": id}.
+    unk; byte-level BPE never produces unk.
+
+    special_token: None picks `<|endoftext|>` if the vocabulary has it, else the tokenizer's only
+    special added token (a tokenizer.json handed to `fastgrow prepare` may use another EOS).
+    vocab_size: the model's; a tokenizer with more ids than the model embeds is rejected.
+    Returns {"bos_token_id": id, "eos_token_id": id}.
     """
     from tokenizers import Tokenizer  # imported here: only conversion needs it
 
@@ -395,6 +411,8 @@ def write_tokenizer_files(
         tok = Tokenizer.from_file(str(src))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ValueError(f"{src}: not a valid tokenizers tokenizer.json ({e})") from None
+    if special_token is None:
+        special_token = _default_special_token(tok, src)
     special_id = tok.token_to_id(special_token)
     if special_id is None:
         raise ValueError(f"{src}: special token {special_token!r} is not in the tokenizer's vocabulary")
@@ -455,12 +473,14 @@ def export_model(
     out_dir: str | Path,
     *,
     tokenizer: str | Path | None = None,
+    special_token: str | None = None,
     torch_dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write fastgrow weights as a LlamaForCausalLM folder (config.json, generation_config.json,
     model.safetensors, and the tokenizer files when `tokenizer` is a tokenizer.json), atomically.
 
+    special_token: the tokenizer's EOS (also bos/unk), see `write_tokenizer_files`.
     torch_dtype: cast the weights ("float32", "bfloat16", "float16"); None keeps their dtype.
     """
     from safetensors.torch import save_file
@@ -484,7 +504,11 @@ def export_model(
         if tokenizer is not None:
             ids.update(
                 write_tokenizer_files(
-                    tokenizer, tmp, model_max_length=cfg.max_seq_len, vocab_size=cfg.vocab_size
+                    tokenizer,
+                    tmp,
+                    model_max_length=cfg.max_seq_len,
+                    special_token=special_token,
+                    vocab_size=cfg.vocab_size,
                 )
             )
         config = hf_config(
@@ -508,7 +532,12 @@ def export_model(
 
 
 def export_checkpoint(
-    ckpt_path: str | Path, out_dir: str | Path, *, torch_dtype: str | None = None, overwrite: bool = False
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    *,
+    special_token: str | None = None,
+    torch_dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """`fastgrow export CKPT OUT_DIR`: a checkpoint (a step dir, or a run dir = its newest complete
     checkpoint) -> a LlamaForCausalLM folder, with the tokenizer if the checkpoint holds tokenizer.json."""
@@ -528,6 +557,7 @@ def export_checkpoint(
         cfg,
         out_dir,
         tokenizer=tok if tok.is_file() else None,
+        special_token=special_token,
         torch_dtype=torch_dtype,
         overwrite=overwrite,
     )

@@ -86,20 +86,29 @@ def _assert_state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Ten
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory):
-    """A tiny byte-level BPE with <|endoftext|>, trained the way fastgrow's data preparation does."""
+_DOCS = ["def grow(model):\n    return stack(model, 4)\n"] * 10
+
+
+def _bpe(specials: list[str]):
+    """A tiny byte-level BPE with the given special tokens (other EOS conventions than ours)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(["def grow(model):\n    return stack(model, 4)\n"] * 10, trainer)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
+    tok.train_from_iterator(_DOCS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    """The tokenizer `fastgrow prepare` trains (byte-level BPE, <|endoftext|> = id 0), tiny."""
+    from fastgrow.data import train_tokenizer
+
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
+    train_tokenizer(_DOCS, 300, progress=False).save(str(path))
     return path
 
 
@@ -239,6 +248,21 @@ def test_tokenizer_files_load_with_autotokenizer(tmp_path, tokenizer_json):
     gen = json.loads((out / "generation_config.json").read_text())
     assert config["eos_token_id"] == config["bos_token_id"] == gen["eos_token_id"] == eot
     assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == eot
+
+
+def test_tokenizer_special_token_detection(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _bpe(["</s>"]).save(str(one))
+    _bpe(["<s>", "</s>"]).save(str(two))
+    ids = write_tokenizer_files(one, tmp_path / "a", model_max_length=16)
+    assert json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+    assert ids == {"bos_token_id": 0, "eos_token_id": 0}
+    with pytest.raises(ValueError, match="2 special tokens"):
+        write_tokenizer_files(two, tmp_path / "b", model_max_length=16)
+    ids = write_tokenizer_files(two, tmp_path / "b", model_max_length=16, special_token="</s>")
+    assert ids["eos_token_id"] == 1
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "b"), local_files_only=True)
+    assert tok.eos_token == "</s>" and tok.eos_token_id == 1
 
 
 def test_tokenizer_without_special_token_is_rejected_atomically(tmp_path, tokenizer_json):

@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -594,11 +595,20 @@ def load_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 def import_checkpoint(
-    hf_dir: str | Path, out_run_dir: str | Path, *, train_config: TrainConfig | None = None
+    hf_dir: str | Path,
+    out_run_dir: str | Path,
+    *,
+    train_config: TrainConfig | None = None,
+    run_config: RunConfig | None = None,
 ) -> Path:
     """`fastgrow import HF_DIR OUT_CKPT`: a local LlamaForCausalLM folder -> a fastgrow checkpoint at
-    step 0 in run dir `out_run_dir` (weights only; fresh AdamW and schedule from `train_config`, default
-    TrainConfig(out_dir=out_run_dir)). Returns the checkpoint's step directory."""
+    step 0 in run dir `out_run_dir`: the weights, a fresh AdamW and schedule, the folder's tokenizer.json.
+
+    The checkpoint's run config is `run_config` (default RunConfig()) with its [model] architecture
+    replaced by the imported one (attn_backend / kernel_impl kept) and its [train] replaced by
+    `train_config` when given; with neither, train.out_dir is `out_run_dir`. `fastgrow train --resume`
+    checks its config against this one, so pass the config the run will continue with.
+    Returns the checkpoint's step directory."""
     from fastgrow.checkpoint import latest_checkpoint, save_checkpoint
     from fastgrow.state import build_state
 
@@ -614,11 +624,12 @@ def import_checkpoint(
         raise HFConversionError(f"{cfg_path}: invalid JSON ({e})") from None
     model_config_from_hf(hf_cfg)  # reject an unsupported config before reading gigabytes of weights
     model_cfg, sd = from_hf_state_dict(load_hf_weights(d), hf_cfg)
-    train = train_config if train_config is not None else TrainConfig(out_dir=str(out_run_dir))
-    run_cfg = RunConfig(model=model_cfg, train=train)
+    base = run_config if run_config is not None else RunConfig(train=TrainConfig(out_dir=str(out_run_dir)))
+    model_cfg = replace(model_cfg, attn_backend=base.model.attn_backend, kernel_impl=base.model.kernel_impl)
+    run_cfg = replace(base, model=model_cfg, train=train_config if train_config is not None else base.train)
     state = build_state(run_cfg, device="cpu")
     state.model.load_state_dict(sd, strict=True)  # copies (and casts to the model's fp32) in place
     tok = d / "tokenizer.json"
     return save_checkpoint(
-        state, out_run_dir, keep=train.keep_ckpts, tokenizer=tok if tok.is_file() else None
+        state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok if tok.is_file() else None
     )

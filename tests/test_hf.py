@@ -138,6 +138,7 @@ def test_export_matches_transformers_and_imports_back(name, tmp_path):
     ckpt = import_checkpoint(out, tmp_path / "run")
     state = load_checkpoint(ckpt)
     assert state.step == 0 and not state.optimizer.state
+    assert state.config.train.out_dir == str(tmp_path / "run") and state.config.model == state.model.cfg
     assert state.model.cfg.architecture() == cfg.architecture()
     _assert_state_dicts_equal(state.model.state_dict(), ours.state_dict())
 
@@ -174,8 +175,15 @@ def test_hf_created_model_round_trips(tmp_path):
     with pytest.raises(FileNotFoundError, match="no weights found"):
         load_hf_weights(tmp_path)
 
-    ckpt = import_checkpoint(tmp_path / "src", tmp_path / "run")
+    run_cfg = RunConfig(
+        model=ModelConfig(attn_backend="ref"),  # its architecture is replaced by the import's
+        data=DataConfig(seq_len=16, batch_size=3),
+        train=TrainConfig(lr=1e-4, min_lr=1e-5, out_dir=str(tmp_path / "run")),
+    )
+    ckpt = import_checkpoint(tmp_path / "src", tmp_path / "run", run_config=run_cfg)
     state = load_checkpoint(ckpt)
+    assert state.config.data == run_cfg.data and state.config.train == run_cfg.train
+    assert state.config.model == state.model.cfg and state.model.cfg.attn_backend == "ref"
     assert state.model.cfg.rope_theta == 2000.0 and state.model.cfg.n_kv_heads == 1
     _assert_same_logits(state.model.eval(), src, 101)
 

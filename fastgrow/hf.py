@@ -308,8 +308,8 @@ def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     Split projections are fresh contiguous tensors (safetensors refuses tensors that share storage);
     the others are detached views of the inputs.
     """
-    # torch.compile wraps the model as `_orig_mod`; accept its state dict too.
-    sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+    # torch.compile (`_orig_mod.`) and DDP (`module.`) wrappers prefix the names; accept those too.
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     _check_keys_and_shapes(sd, _fastgrow_shapes(cfg), "fastgrow state dict")
     hd = cfg.head_dim
     q_rows, kv_rows = cfg.n_heads * hd, cfg.n_kv_heads * hd

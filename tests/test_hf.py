@@ -372,8 +372,8 @@ def test_state_dict_mismatches_are_rejected():
     ours = _fastgrow_model(cfg).state_dict()
     with pytest.raises(HFConversionError, match="wqkv"):
         to_hf_state_dict({k: v for k, v in ours.items() if "layers.2.attn.wqkv" not in k}, cfg)
-    compiled = {f"_orig_mod.{k}": v for k, v in ours.items()}
-    _assert_state_dicts_equal(to_hf_state_dict(compiled, cfg), to_hf_state_dict(ours, cfg))
+    wrapped = {f"module._orig_mod.{k}": v for k, v in ours.items()}  # DDP around torch.compile
+    _assert_state_dicts_equal(to_hf_state_dict(wrapped, cfg), to_hf_state_dict(ours, cfg))
 
 
 def test_import_refuses_bad_folders(tmp_path):

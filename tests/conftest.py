@@ -44,13 +44,29 @@ def tiny_run_config(data_dir, out_dir, **train):
     """A RunConfig small enough for CPU tests (2 layers, dim 32, seq 32, batch 4)."""
     from fastgrow.config import RunConfig
 
-    t = {"max_steps": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "eval_batches": 2,
-         "ckpt_every": 4, "out_dir": str(out_dir), "progress": False, "lr": 3e-3}
+    t = {
+        "max_steps": 8,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "eval_every": 0,
+        "eval_batches": 2,
+        "ckpt_every": 4,
+        "out_dir": str(out_dir),
+        "progress": False,
+        "lr": 3e-3,
+    }
     t.update(train)
     return RunConfig.from_dict(
         {
-            "model": {"vocab_size": 512, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-                      "max_seq_len": 64},
+            "model": {
+                "vocab_size": 512,
+                "dim": 32,
+                "n_layers": 2,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "ffn_dim": 64,
+                "max_seq_len": 64,
+            },
             "data": {"data_dir": str(data_dir), "seq_len": 32, "batch_size": 4},
             "train": t,
         }

@@ -35,7 +35,12 @@ def run_cli(*args, timeout=300, **kw):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     return subprocess.run(
         [sys.executable, "-m", "fastgrow.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env, **kw,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+        **kw,
     )
 
 
@@ -129,7 +134,11 @@ def test_sigterm_saves_then_exits(tiny_data, tmp_path):
     env = {**os.environ}
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastgrow.cli", "train", "--config", str(cfg_file)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 120

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")  # dev extra; absent on the G
 
 from fastgrow.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from fastgrow.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from fastgrow.grow import GrowPlan, grow  # noqa: E402
 from fastgrow.hf import (  # noqa: E402
     HFConversionError,
     export_checkpoint,
@@ -196,42 +197,34 @@ def test_hf_created_model_round_trips(tmp_path):
         assert back[key] == theirs[key], key
     assert model_config_from_hf(back) == model_config_from_hf(theirs)
 
-
-def _stack(sd: dict[str, torch.Tensor], n_layers: int, times: int) -> dict[str, torch.Tensor]:
-    """G_stack on a state dict: layers 0..L-1 repeated `times` times (what fastgrow.grow's stack does)."""
-    out = {k: v for k, v in sd.items() if not k.startswith("layers.")}
-    for j in range(n_layers * times):
-        src = j % n_layers
-        for k, v in sd.items():
-            if k.startswith(f"layers.{src}."):
-                out[k.replace(f"layers.{src}.", f"layers.{j}.", 1)] = v.clone()
-    return out
+    # "grow a HF model": the imported state stacks (fresh optimizer) and the grown model exports too
+    grown = grow(state, GrowPlan(depth="stack", factor=2))
+    out = export_model(grown.model.state_dict(), grown.model.cfg, tmp_path / "grown")
+    _assert_same_logits(grown.model.eval(), _load_hf(out), 101)
 
 
-def test_stacked_model_exports_and_matches(tmp_path, tokenizer_json):
-    """A checkpoint of a model grown by stacking exports and matches (stacking emulated on the state
-    dict: fastgrow.grow is not on main yet), tokenizer included."""
-    base = ModelConfig(
-        vocab_size=300, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=100, max_seq_len=64
-    )
-    small = _fastgrow_model(base)
-    grown_cfg = ModelConfig(**{**base.architecture(), "n_layers": 8})
-    run_cfg = RunConfig(
-        model=grown_cfg, data=DataConfig(seq_len=32), train=TrainConfig(out_dir=str(tmp_path))
-    )
-    state = build_state(run_cfg, device="cpu")
-    state.model.load_state_dict(_stack(small.state_dict(), 2, 4))
-    state.model.eval()
+def test_grown_model_exports_and_matches(tmp_path, tokenizer_json):
+    """A model grown by G_stack (fastgrow.grow, 2 -> 8 layers), checkpointed with its tokenizer, exports
+    and matches transformers; importing the export back gives the grown weights bit for bit."""
+    base = ModelConfig(vocab_size=300, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=100, max_seq_len=64)
+    run_cfg = RunConfig(model=base, data=DataConfig(seq_len=32), train=TrainConfig(out_dir=str(tmp_path / "run")))
+    small = build_state(run_cfg, device="cpu")
+    _randomize(small.model, 5)
+    state = grow(small, GrowPlan(depth="stack", factor=4))
+    assert state.model.cfg.n_layers == 8
+    grown_sd = state.model.state_dict()
+    for j in range(8):  # stacking copied layer j % 2 into layer j
+        w = small.model.state_dict()[f"layers.{j % 2}.attn.wqkv.weight"]
+        assert torch.equal(grown_sd[f"layers.{j}.attn.wqkv.weight"], w)
     ckpt = save_checkpoint(state, tmp_path / "run", tokenizer=tokenizer_json)
 
     out = export_checkpoint(tmp_path / "run", tmp_path / "hf")  # a run dir resolves to its newest ckpt
     hf_model = _load_hf(out)
     assert hf_model.config.num_hidden_layers == 8
-    _assert_same_logits(state.model, hf_model, 300)
-    _assert_state_dicts_equal(
-        from_hf_state_dict(load_hf_weights(out), hf_model.config)[1], state.model.state_dict()
-    )
+    _assert_same_logits(state.model.eval(), hf_model, 300)
     assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    back = load_checkpoint(import_checkpoint(out, tmp_path / "run2"))
+    _assert_state_dicts_equal(back.model.state_dict(), grown_sd)
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------

@@ -114,9 +114,7 @@ def _as_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
         return dict(config)
     if hasattr(config, "to_dict"):  # a transformers PretrainedConfig
         return dict(config.to_dict())
-    raise HFConversionError(
-        f"expected a config.json dict or a transformers config, got {type(config).__name__}"
-    )
+    raise HFConversionError(f"expected a config.json dict or a transformers config, got {type(config).__name__}")
 
 
 def _positive_int(c: dict[str, Any], key: str) -> int:
@@ -174,15 +172,11 @@ def model_config_from_hf(config: Mapping[str, Any] | Any) -> ModelConfig:
     model_type = c.get("model_type")
     archs = c.get("architectures")
     if model_type is None and archs is None:
-        raise HFConversionError(
-            "config.json: neither model_type nor architectures is set (need a llama model)"
-        )
+        raise HFConversionError("config.json: neither model_type nor architectures is set (need a llama model)")
     if model_type is not None and model_type != "llama":
         raise HFConversionError(f"config.json: model_type={model_type!r} is not supported (need 'llama')")
     if archs is not None and list(archs) != [HF_ARCHITECTURE]:
-        raise HFConversionError(
-            f"config.json: architectures={archs!r} is not supported (need [{HF_ARCHITECTURE!r}])"
-        )
+        raise HFConversionError(f"config.json: architectures={archs!r} is not supported (need [{HF_ARCHITECTURE!r}])")
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         v = c.get(key, _HF_DEFAULTS[key])
         if v:
@@ -190,13 +184,9 @@ def model_config_from_hf(config: Mapping[str, Any] | Any) -> ModelConfig:
             raise HFConversionError(f"config.json: {key}={v!r} is not supported (fastgrow has no {what})")
     act = c.get("hidden_act", _HF_DEFAULTS["hidden_act"])
     if act != "silu":
-        raise HFConversionError(
-            f"config.json: hidden_act={act!r} is not supported (fastgrow's MLP is SwiGLU/silu)"
-        )
+        raise HFConversionError(f"config.json: hidden_act={act!r} is not supported (fastgrow's MLP is SwiGLU/silu)")
     if c.get("quantization_config"):
-        raise HFConversionError(
-            "config.json: quantization_config is set; only unquantized weights can be imported"
-        )
+        raise HFConversionError("config.json: quantization_config is set; only unquantized weights can be imported")
     prf = c.get("partial_rotary_factor")
     if prf is not None and float(prf) != 1.0:
         raise HFConversionError(f"config.json: partial_rotary_factor={prf} is not supported")
@@ -206,9 +196,7 @@ def model_config_from_hf(config: Mapping[str, Any] | Any) -> ModelConfig:
     n_kv = c.get("num_key_value_heads")
     n_kv = n_heads if n_kv is None else _positive_int(c, "num_key_value_heads")
     if dim % n_heads:
-        raise HFConversionError(
-            f"config.json: hidden_size ({dim}) is not divisible by num_attention_heads ({n_heads})"
-        )
+        raise HFConversionError(f"config.json: hidden_size ({dim}) is not divisible by num_attention_heads ({n_heads})")
     head_dim = c.get("head_dim")
     if head_dim is not None and head_dim != dim // n_heads:
         raise HFConversionError(
@@ -223,9 +211,7 @@ def model_config_from_hf(config: Mapping[str, Any] | Any) -> ModelConfig:
     init = c.get("initializer_range") or _HF_DEFAULTS["initializer_range"]
     max_pos = c.get("max_position_embeddings")
     max_pos = (
-        _HF_DEFAULTS["max_position_embeddings"]
-        if max_pos is None
-        else _positive_int(c, "max_position_embeddings")
+        _HF_DEFAULTS["max_position_embeddings"] if max_pos is None else _positive_int(c, "max_position_embeddings")
     )
     try:
         return ModelConfig(
@@ -282,9 +268,7 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_keys_and_shapes(
-    sd: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str
-) -> None:
+def _check_keys_and_shapes(sd: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
@@ -419,9 +403,7 @@ def write_tokenizer_files(
         raise ValueError(f"{src}: special token {special_token!r} is not in the tokenizer's vocabulary")
     n_ids = tok.get_vocab_size(with_added_tokens=True)
     if vocab_size is not None and n_ids > vocab_size:
-        raise ValueError(
-            f"{src}: the tokenizer has {n_ids} ids but the model's vocabulary has only {vocab_size}"
-        )
+        raise ValueError(f"{src}: the tokenizer has {n_ids} ids but the model's vocabulary has only {vocab_size}")
     if not (isinstance(model_max_length, int) and model_max_length > 0):
         raise ValueError(f"model_max_length must be a positive integer, got {model_max_length!r}")
     out = Path(out_dir)
@@ -512,9 +494,7 @@ def export_model(
                     vocab_size=cfg.vocab_size,
                 )
             )
-        config = hf_config(
-            cfg, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], torch_dtype=dtype_name
-        )
+        config = hf_config(cfg, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], torch_dtype=dtype_name)
         _write_json(tmp / "config.json", config)
         _write_json(
             tmp / "generation_config.json",
@@ -630,6 +610,4 @@ def import_checkpoint(
     state = build_state(run_cfg, device="cpu")
     state.model.load_state_dict(sd, strict=True)  # copies (and casts to the model's fp32) in place
     tok = d / "tokenizer.json"
-    return save_checkpoint(
-        state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok if tok.is_file() else None
-    )
+    return save_checkpoint(state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok if tok.is_file() else None)

@@ -441,7 +441,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished temp dir to `out`; an existing `out` is replaced only with overwrite."""
     if out.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+            raise FileExistsError(f"{out} already exists (overwrite=True, or --overwrite, replaces it)")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -472,7 +472,7 @@ def export_model(
         raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)} or None, got {torch_dtype!r}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+        raise FileExistsError(f"{out} already exists (overwrite=True, or --overwrite, replaces it)")
     hf_sd = to_hf_state_dict(state_dict, cfg)
     if torch_dtype is not None:
         hf_sd = {k: v.to(_DTYPES[torch_dtype]) for k, v in hf_sd.items()}

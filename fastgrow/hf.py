@@ -438,7 +438,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to `out`; an existing `out` is replaced only with overwrite."""
+    """fsync the finished temp dir and rename it to `out`; an existing `out` is replaced only with
+    overwrite (moved aside first, removed after the rename, so `out` is always whole)."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    # mkdtemp makes the folder private (0700); an exported model is meant to be read by other tools/users.
+    os.chmod(tmp, 0o755)
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} already exists (overwrite=True, or --overwrite, replaces it)")
@@ -448,6 +454,14 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+    try:  # make the rename itself durable
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        pass
 
 
 def export_model(

@@ -289,6 +289,7 @@ def test_export_refuses_existing_dir_unless_overwrite(tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert load_file(str(out / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp or old dirs left
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by others, unlike mkdtemp's 0700
 
 
 # --- config -------------------------------------------------------------------------------------------------

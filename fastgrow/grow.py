@@ -124,9 +124,7 @@ class GrowPlan:
         if not 0.0 <= self.noise < 1.0:
             raise ValueError(f"grow plan noise must be in [0, 1), got {self.noise!r}")
         if self.optimizer not in OPTIMIZER_POLICIES:
-            raise ValueError(
-                f"grow plan optimizer must be one of {OPTIMIZER_POLICIES}, got {self.optimizer!r}"
-            )
+            raise ValueError(f"grow plan optimizer must be one of {OPTIMIZER_POLICIES}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULE_POLICIES:
             raise ValueError(f"grow plan schedule must be one of {SCHEDULE_POLICIES}, got {self.schedule!r}")
         if self.schedule == "rewarm" and self.rewarm_steps < 1:
@@ -157,8 +155,7 @@ def _target_widths(plan: GrowPlan, cfg: ModelConfig) -> tuple[int, int, int, int
         raise ValueError(f"target width {dim} is not divisible by target_heads {heads}")
     if dim % hd:
         raise ValueError(
-            f"target width {dim} is not divisible by the head dim {hd} "
-            "(the head dim is kept so RoPE is unchanged)"
+            f"target width {dim} is not divisible by the head dim {hd} (the head dim is kept so RoPE is unchanged)"
         )
     heads = heads or dim // hd
     if dim // heads != hd:
@@ -195,9 +192,7 @@ def resolve_plan(plan: GrowPlan, cfg: ModelConfig) -> ResolvedPlan:
     if plan.width == "direct":
         check_direct(cfg, dst)
     if sources == list(range(L)) and width.identity:
-        raise ValueError(
-            f"the plan does not grow the model (still {L} layers, dim {cfg.dim}, ffn {cfg.ffn_dim})"
-        )
+        raise ValueError(f"the plan does not grow the model (still {L} layers, dim {cfg.dim}, ffn {cfg.ffn_dim})")
     return ResolvedPlan(plan=plan, src=cfg, dst=dst, sources=sources, width=width)
 
 
@@ -238,9 +233,7 @@ def _seed(state: TrainState, plan: GrowPlan) -> int:
     return (int(base) * 1_000_003 + int(state.step) + 1) % (2**63 - 1)
 
 
-def _init_new_block_param(
-    p: torch.Tensor, name: str, op: str, std: float, gen: torch.Generator | None
-) -> None:
+def _init_new_block_param(p: torch.Tensor, name: str, op: str, std: float, gen: torch.Generator | None) -> None:
     if name.endswith("norm.weight"):
         p.fill_(1.0)
     elif op == "zero" and (name.endswith("attn.wo.weight") or name.endswith("mlp.w2.weight")):

@@ -1,0 +1,440 @@
+"""The training loop: AdamW, LR schedule, clipping, accumulation, eval, checkpoints, growth, metrics.
+
+`train(config)` runs a whole job and returns a `TrainResult`. The loop never syncs with the host except
+at log/eval/checkpoint steps, and on CPU (where a sync costs nothing) to decide whether to skip a
+non-finite step. On CUDA the skip happens on the device: torch's fused AdamW takes a `found_inf` flag and
+leaves moments and step untouched when it is set, and a device-side counter of consecutive bad steps is
+read at the next log step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastgrow.config import ConfigError, RunConfig
+from fastgrow.loader import BatchLoader, TokenData
+from fastgrow.metrics import MetricsLog, mfu, peak_flops
+from fastgrow.model import flops_per_token
+from fastgrow.optim import set_lr
+from fastgrow.state import TrainState, build_state, resolve_device
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    records: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    interrupted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        train = [r for r in self.records if r["kind"] == "train"]
+        val = [r for r in self.records if r["kind"] == "val"]
+        return {
+            "steps": self.state.step,
+            "tokens": self.state.tokens,
+            "final_loss": train[-1]["loss"] if train else None,
+            "final_val_loss": val[-1]["val_loss"] if val else None,
+            "tokens_per_s": _mean([r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]),
+            "params": self.state.model.num_params(),
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+class _SigtermFlag:
+    """Sets a flag on SIGTERM so the loop can save a checkpoint and exit between steps."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old = None
+
+    def __enter__(self) -> _SigtermFlag:
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave the default handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _growth_due(state: TrainState, at_tokens: int) -> bool:
+    return bool(at_tokens) and not state.growth_history and state.tokens >= at_tokens
+
+
+def resolve_growth_tokens(cfg: RunConfig) -> int:
+    """growth.at_tokens as a token count ("auto": the planner's Eq. 10 timing for this run)."""
+    at = cfg.growth.at_tokens
+    if at == "auto":
+        from fastgrow.plan import auto_growth_tokens
+
+        return auto_growth_tokens(cfg)
+    return int(at)
+
+
+def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainState:
+    out = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(out)
+    if resume:
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {out}")
+        return load_checkpoint(ckpt, device, config=cfg)
+    if ckpt is not None:
+        raise ConfigError(
+            f"{out} already holds checkpoints (newest {ckpt.name}); pass --resume to continue that run "
+            f"or choose another --train.out_dir"
+        )
+    return build_state(cfg, device)
+
+
+def evaluate(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: RunConfig) -> float:
+    model = state.model
+    device = state.device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    with torch.no_grad(), _autocast(cfg, device):
+        for x, y in batches:
+            total += model(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).float()
+    model.train(was_training)
+    return (total / len(batches)).item()
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    echo: bool = True,
+    until_step: int | None = None,
+) -> TrainResult:
+    """Run (or resume) the job described by `cfg`; return the final state and the logged records.
+
+    until_step: stop (with a checkpoint) once this many steps are done, before train.max_steps; the
+    schedule still follows max_steps, so a later `resume=True` call continues the same trajectory.
+    """
+    dev = resolve_device(cfg.train.device) if device is None else torch.device(device)
+    data = TokenData.open(cfg.data.data_dir)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+            f"set --model.vocab_size={data.vocab_size} or more"
+        )
+    state = prepare_state(cfg, resume, dev)
+    tcfg = cfg.train
+    out_dir = Path(tcfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = BatchLoader(
+        data,
+        split="train",
+        batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
+        val_fraction=cfg.data.val_fraction,
+        seed=tcfg.seed,
+    )
+    if state.cursor:
+        loader.load_state_dict(state.cursor)
+    val_loader = BatchLoader(
+        data,
+        split="val",
+        batch_size=cfg.data.batch_size,
+        seq_len=cfg.data.seq_len,
+        val_fraction=cfg.data.val_fraction,
+        seed=tcfg.seed,
+    )
+    val_batches = val_loader.val_batches(tcfg.eval_batches)
+    growth_at = resolve_growth_tokens(cfg) if cfg.growth.enabled else 0
+    stop = tcfg.max_steps if until_step is None else min(until_step, tcfg.max_steps)
+    runner = _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop)
+    return runner.run()
+
+
+class _Runner:
+    """The state of one `train()` call: the step function and the bookkeeping around it."""
+
+    def __init__(self, cfg, state, loader, val_batches, growth_at, out_dir, tokenizer, echo, stop) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.state = state
+        self.loader = loader
+        self.val_batches = val_batches
+        self.growth_at = growth_at
+        self.out_dir = out_dir
+        self.tokenizer = tokenizer
+        self.echo = echo
+        self.records: list[dict[str, Any]] = []
+        self.device = state.device
+        self.peak = peak_flops(self.device)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+        self._compiled = None
+        self._setup_model()
+
+    # --- model-dependent setup (redone after growth) -------------------------------------------------
+    def _setup_model(self) -> None:
+        mcfg = self.state.model.cfg
+        self.flops_tok = flops_per_token(mcfg, self.cfg.data.seq_len, include_attention=True)
+        self.flops_tok_6n = flops_per_token(mcfg, self.cfg.data.seq_len, include_attention=False)
+        self.params = [p for p in self.state.model.parameters() if p.requires_grad]
+        self.fused = bool(self.state.optimizer.defaults.get("fused"))
+        model = self.state.model
+        self.forward = torch.compile(model) if self.cfg.train.compile else model
+        self.state.model.train()
+
+    # --- one optimizer step ----------------------------------------------------------------------------
+    def step(self, consec_bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, state = self.cfg, self.state
+        accum = cfg.train.grad_accum
+        set_lr(state.optimizer, state.schedule.lr_at(state.step))
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            x, y = self.loader.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with _autocast(cfg, self.device):
+                loss = self.forward(x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        loss_mean = loss_sum / accum
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        # Returns the pre-clip global norm (what we log); non-finite norms are handled below.
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=self.device.type == "cuda")
+        bad = ~(torch.isfinite(gnorm) & torch.isfinite(loss_mean))
+        if self.fused:
+            # Device-side skip: fused AdamW leaves exp_avg/exp_avg_sq/step untouched when found_inf is 1.
+            state.optimizer.found_inf = bad.float()
+            state.optimizer.step()
+            del state.optimizer.found_inf
+        elif not bool(bad):  # CPU: a sync is free
+            state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        consec_bad = (consec_bad + 1) * bad  # consecutive non-finite steps, reset by a good one
+        state.step += 1
+        state.tokens += self.tokens_per_step
+        return loss_mean, gnorm.detach().float(), consec_bad
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        tcfg = self.cfg.train
+        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        interrupted = False
+        last_ckpt: Path | None = None
+        consec_bad = torch.zeros((), device=self.device)
+        window_loss = torch.zeros((), device=self.device)
+        window_bad = torch.zeros((), device=self.device)
+        window_steps = 0
+        window_tokens = 0
+        window_start = time.perf_counter()
+        last_norm = torch.zeros((), device=self.device)
+        pbar = self._progress_bar()
+        try:
+            with _SigtermFlag() as sigterm:
+                while self.state.step < self.stop:
+                    if _growth_due(self.state, self.growth_at):
+                        self._grow(log)
+                        window_loss.zero_()
+                        window_bad.zero_()
+                        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                    loss, gnorm, consec_bad = self.step(consec_bad)
+                    window_loss += torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+                    window_bad += (~torch.isfinite(gnorm) | ~torch.isfinite(loss)).float()
+                    last_norm = gnorm
+                    window_steps += 1
+                    window_tokens += self.tokens_per_step
+                    if pbar is not None:
+                        pbar.update(1)
+                    if self.state.step % tcfg.log_every == 0 or self.state.step == self.stop:
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        elapsed = time.perf_counter() - window_start
+                        rec = self._train_record(window_loss, window_bad, window_steps, window_tokens, elapsed)
+                        rec["grad_norm"] = float(last_norm)
+                        self._emit(log, rec, pbar)
+                        n_bad_run = int(consec_bad.item())
+                        self.state.bad_steps = n_bad_run
+                        if n_bad_run >= tcfg.max_bad_steps:
+                            raise TrainingAborted(
+                                f"{n_bad_run} consecutive non-finite steps (loss or grad norm) up to step "
+                                f"{self.state.step}; aborting (train.max_bad_steps={tcfg.max_bad_steps}). The last "
+                                f"checkpoint is {last_ckpt or latest_checkpoint(self.out_dir)}"
+                            )
+                        window_loss.zero_()
+                        window_bad.zero_()
+                        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                    elif not self.fused and bool(consec_bad >= tcfg.max_bad_steps):
+                        raise TrainingAborted(
+                            f"{int(consec_bad)} consecutive non-finite steps up to step {self.state.step}; aborting "
+                            f"(train.max_bad_steps={tcfg.max_bad_steps})"
+                        )
+                    if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
+                        self._eval(log, pbar)
+                        window_start = time.perf_counter()  # keep eval time out of tokens/s
+                    if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
+                        last_ckpt = self._save()
+                        window_start = time.perf_counter()
+                    if sigterm.hit:
+                        interrupted = True
+                        break
+                finished = self.state.step >= tcfg.max_steps
+                if finished and not interrupted and (not tcfg.eval_every or self.state.step % tcfg.eval_every):
+                    self._eval(log, pbar)
+                if last_ckpt is None or last_ckpt.name != f"step-{self.state.step:08d}":
+                    last_ckpt = self._save()
+        finally:
+            if pbar is not None:
+                pbar.close()
+            log.close()
+        if interrupted and self.echo:
+            print(f"SIGTERM: saved {last_ckpt}; resume with --resume", file=sys.stderr)
+        return TrainResult(state=self.state, records=self.records, checkpoint=last_ckpt, interrupted=interrupted)
+
+    # --- pieces -----------------------------------------------------------------------------------------
+    def _progress_bar(self):
+        if not (self.cfg.train.progress and self.echo):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.cfg.train.max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def _train_record(self, window_loss, window_bad, steps, tokens, elapsed) -> dict[str, Any]:
+        state = self.state
+        n_bad = int(window_bad.item())
+        good = steps - n_bad
+        loss = float(window_loss.item()) / good if good else float("nan")
+        tps = tokens / elapsed if elapsed > 0 else float("nan")
+        return {
+            "kind": "train",
+            "step": state.step,
+            "tokens": state.tokens,
+            "flops": self._flops_so_far(),
+            "loss": loss,
+            "lr": state.schedule.lr_at(state.step - 1),
+            "tokens_per_s": tps,
+            "mfu": mfu(self.flops_tok, tps, self.peak),
+            "mfu_6n": mfu(self.flops_tok_6n, tps, self.peak),
+            "skipped_steps": n_bad,
+            "layers": state.model.cfg.n_layers,
+        }
+
+    def _flops_so_far(self) -> float:
+        """Training FLOPs spent so far, counting each phase (before/after growth) at its own size."""
+        state = self.state
+        done = 0.0
+        tokens_before = 0
+        for g in state.growth_history:
+            done += g.get("flops_per_token_before", 0.0) * (g["tokens"] - tokens_before)
+            tokens_before = g["tokens"]
+        return done + self.flops_tok * (state.tokens - tokens_before)
+
+    def _emit(self, log: MetricsLog, rec: dict[str, Any], pbar) -> None:
+        self.records.append(rec)
+        log.write(rec)
+        if pbar is not None and rec["kind"] == "train":
+            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+            post["mfu"] = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
+            pbar.set_postfix(post, refresh=False)
+        elif pbar is not None and rec["kind"] in ("val", "growth"):
+            msg = (
+                f"step {rec['step']}: val_loss {rec['val_loss']:.4f}"
+                if rec["kind"] == "val"
+                else f"step {rec['step']}: grew {rec['layers_before']}→{rec['layers_after']} layers "
+                f"({rec['params_before']:,}→{rec['params_after']:,} params) in {rec['grow_seconds'] * 1e3:.1f} ms"
+            )
+            pbar.write(msg, file=sys.stderr)
+
+    def _eval(self, log: MetricsLog, pbar) -> None:
+        val = evaluate(self.state, self.val_batches, self.cfg)
+        self._emit(
+            log,
+            {
+                "kind": "val",
+                "step": self.state.step,
+                "tokens": self.state.tokens,
+                "flops": self._flops_so_far(),
+                "val_loss": val,
+            },
+            pbar,
+        )
+
+    def _save(self) -> Path:
+        self.state.cursor = self.loader.state_dict()
+        return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
+
+    def _grow(self, log: MetricsLog) -> None:
+        from fastgrow.grow import apply_growth
+
+        before = self.state
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        # Throughput before growth: the last few logged windows (the very first one includes warm-up).
+        recent = [r["tokens_per_s"] for r in self.records if r["kind"] == "train"][1:][-5:]
+        tps_before = sum(recent) / len(recent) if recent else None
+        params_before = before.model.num_params()
+        layers_before = before.model.cfg.n_layers
+        flops_tok_before = self.flops_tok
+        t0 = time.perf_counter()
+        self.state = apply_growth(before, self.cfg.growth)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        self.state.growth_history[-1]["flops_per_token_before"] = flops_tok_before
+        self._setup_model()
+        rec = {
+            "kind": "growth",
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "flops": self._flops_so_far(),
+            "op": self.cfg.growth.op,
+            "layers_before": layers_before,
+            "layers_after": self.state.model.cfg.n_layers,
+            "params_before": params_before,
+            "params_after": self.state.model.num_params(),
+            "grow_seconds": seconds,
+            "tokens_per_s_before": tps_before,
+            "mfu_before": mfu(flops_tok_before, tps_before, self.peak) if tps_before else None,
+        }
+        self._emit(log, rec, None)
+        if self.echo:
+            print(
+                f"[growth] step {rec['step']}: {rec['op']} {layers_before}→{rec['layers_after']} layers, "
+                f"{params_before:,}→{rec['params_after']:,} params, grow() {seconds * 1e3:.1f} ms",
+                file=sys.stderr,
+            )

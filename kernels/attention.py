@@ -304,9 +304,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale) 
         raise ValueError(f"q and k/v must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"kv heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
-    if softmax_scale is not None and not (
-        isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)
-    ):
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
 
 
@@ -344,9 +342,7 @@ def attention(
         return _flash_attn(q, k, v, causal, softmax_scale, return_lse)
     if backend == "sdpa":
         if return_lse:
-            raise ValueError(
-                "return_lse=True is not available with backend='sdpa' (use triton, flash_attn or ref)"
-            )
+            raise ValueError("return_lse=True is not available with backend='sdpa' (use triton, flash_attn or ref)")
         return _sdpa(q, k, v, causal, softmax_scale)
 
     # backend == "triton"

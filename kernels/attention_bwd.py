@@ -60,11 +60,7 @@ def attn_bwd_preprocess_kernel(
         other=0.0,
     )
     do = tl.load(
-        DO
-        + off_b * stride_dob
-        + off_h * stride_doh
-        + offs_m[:, None] * stride_dos
-        + offs_d[None, :] * stride_dod,
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
         mask=mask,
         other=0.0,
     )
@@ -114,12 +110,8 @@ def _dkdv_inner(
         else:
             qT_mask = row_ok[None, :]
             do_mask = row_ok[:, None]
-        qT = tl.load(
-            q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd, mask=qT_mask, other=0.0
-        )
-        do = tl.load(
-            do_base + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=do_mask, other=0.0
-        )
+        qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd, mask=qT_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=do_mask, other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
 
@@ -198,20 +190,12 @@ def attn_bwd_dkdv_kernel(
     else:
         kv_mask = col_ok[:, None]
     k = tl.load(
-        K
-        + off_b * stride_kb
-        + off_hk * stride_kh
-        + offs_n[:, None] * stride_ks
-        + offs_d[None, :] * stride_kd,
+        K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
         mask=kv_mask,
         other=0.0,
     )
     v = tl.load(
-        V
-        + off_b * stride_vb
-        + off_hk * stride_vh
-        + offs_n[:, None] * stride_vs
-        + offs_d[None, :] * stride_vd,
+        V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
         mask=kv_mask,
         other=0.0,
     )
@@ -252,20 +236,12 @@ def attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     tl.store(
-        DK
-        + off_b * stride_dkb
-        + off_hk * stride_dkh
-        + offs_n[:, None] * stride_dks
-        + offs_d[None, :] * stride_dkd,
+        DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
         dk.to(DK.dtype.element_ty),
         mask=kv_mask,
     )
     tl.store(
-        DV
-        + off_b * stride_dvb
-        + off_hk * stride_dvh
-        + offs_n[:, None] * stride_dvs
-        + offs_d[None, :] * stride_dvd,
+        DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
         dv.to(DV.dtype.element_ty),
         mask=kv_mask,
     )
@@ -394,11 +370,7 @@ def attn_bwd_dq_kernel(
         other=0.0,
     )
     do = tl.load(
-        DO
-        + off_b * stride_dob
-        + off_h * stride_doh
-        + offs_m[:, None] * stride_dos
-        + offs_d[None, :] * stride_dod,
+        DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod,
         mask=io_mask,
         other=0.0,
     )
@@ -429,11 +401,7 @@ def attn_bwd_dq_kernel(
     )  # fmt: skip
     dq = dq * sm_scale
     tl.store(
-        DQ
-        + off_b * stride_dqb
-        + off_h * stride_dqh
-        + offs_m[:, None] * stride_dqs
-        + offs_d[None, :] * stride_dqd,
+        DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
         dq.to(DQ.dtype.element_ty),
         mask=io_mask,
     )

@@ -61,11 +61,7 @@ def check_against_ref(q, k, v, causal, *, lse_grad=False, scale=None):
     """Triton forward/LSE/dq/dk/dv vs fp64 reference, with the same-dtype torch error as the yardstick."""
     dtype = q.dtype
     do = torch.randn(q.shape, dtype=torch.float64, device=q.device)
-    dlse = (
-        torch.randn(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float64, device=q.device)
-        if lse_grad
-        else None
-    )
+    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float64, device=q.device) if lse_grad else None
 
     ours = _run(
         lambda q, k, v: attention(q, k, v, causal, scale, backend="triton", return_lse=True),
@@ -154,9 +150,7 @@ def test_fully_masked_rows_are_zero():
 
 @pytest.mark.parametrize("layout", ["packed", "odd"])
 def test_strided_inputs(layout):
-    q, k, v = _make(
-        2, 37, 37, 4, 2, 32, torch.float16 if layout == "packed" else torch.float32, layout=layout
-    )
+    q, k, v = _make(2, 37, 37, 4, 2, 32, torch.float16 if layout == "packed" else torch.float32, layout=layout)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     check_against_ref(q, k, v, True)
 
@@ -190,12 +184,8 @@ def test_backward_is_deterministic():
 def test_other_tile_shapes(monkeypatch):
     # Square 16x16 tiles and BLOCK_M > BLOCK_N by 4x: the loop splits must hold for any table entry.
     for cfg in (
-        attn_mod._Cfgs(
-            attn_mod._Cfg(16, 16, 4, 1), attn_mod._Cfg(16, 16, 4, 1), attn_mod._Cfg(16, 16, 4, 1), 16
-        ),
-        attn_mod._Cfgs(
-            attn_mod._Cfg(64, 16, 4, 1), attn_mod._Cfg(16, 64, 4, 1), attn_mod._Cfg(64, 16, 4, 1), 64
-        ),
+        attn_mod._Cfgs(attn_mod._Cfg(16, 16, 4, 1), attn_mod._Cfg(16, 16, 4, 1), attn_mod._Cfg(16, 16, 4, 1), 16),
+        attn_mod._Cfgs(attn_mod._Cfg(64, 16, 4, 1), attn_mod._Cfg(16, 64, 4, 1), attn_mod._Cfg(64, 16, 4, 1), 64),
     ):
         monkeypatch.setattr(attn_mod, "_INTERPRET_CFGS", cfg)
         check_against_ref(*_make(1, 70, 70, 2, 1, 32, torch.float32), True)
@@ -322,9 +312,7 @@ def test_kernels_compile_for_sm90():
     except ImportError:
         pytest.skip("triton has no NVIDIA backend here")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    res = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600
-    )
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 
@@ -341,18 +329,14 @@ def _gpu_check_vs_ref(q, k, v, causal):
     """bf16/fp16 on GPU: fp32 reference, same-dtype SDPA error as the yardstick."""
     dtype = q.dtype
     do = torch.randn(q.shape, dtype=torch.float32, device=q.device)
-    ours = _run(
-        lambda q, k, v: attention(q, k, v, causal, backend="triton", return_lse=True), q, k, v, do, None
-    )
+    ours = _run(lambda q, k, v: attention(q, k, v, causal, backend="triton", return_lse=True), q, k, v, do, None)
     ref = _run(
         lambda q, k, v: attention_ref(q, k, v, causal, return_lse=True),
         *(t.float() for t in (q, k, v)),
         do,
         None,
     )
-    sdpa = _run(
-        lambda q, k, v: (attention(q, k, v, causal, backend="sdpa"), ref[1]), q, k, v, do.to(dtype), None
-    )
+    sdpa = _run(lambda q, k, v: (attention(q, k, v, causal, backend="sdpa"), ref[1]), q, k, v, do.to(dtype), None)
     for name, a, r, s in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, sdpa):
         assert torch.isfinite(a).all(), f"{name} has non-finite values"
         err, tol = _max_err(a, r), 2 * _max_err(s, r) + FLOOR[dtype]

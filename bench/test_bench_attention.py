@@ -8,7 +8,7 @@ harness; CPU numbers say nothing about the kernels.
 
 FLOPs (FlashAttention convention): forward 4 * b * h * s^2 * d, halved when causal; backward 2.5x forward.
 Each benchmark stores TFLOP/s and median ms in `benchmark.extra_info` and, when FASTGROW_BENCH_OUT is set,
-appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl. Self-contained: no bench/conftest.py needed.
+appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/results_log.py). No conftest needed.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import math
-import os
 import time
 
 import pytest
@@ -26,6 +24,7 @@ import torch
 import triton
 from fastgrow.kernels._common import interpreter_enabled
 from fastgrow.kernels.attention import attention
+from results_log import record  # bench/results_log.py: adds torch/triton versions, commit, date
 
 CUDA = torch.cuda.is_available()
 if CUDA:
@@ -90,15 +89,6 @@ def _make_step(backend: str, which: str, b: int, s: int, h: int, d: int):
     return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
 
 
-def _record(row: dict) -> None:
-    out_dir = os.environ.get("FASTGROW_BENCH_OUT")
-    if not out_dir:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "attention.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _time_and_record(benchmark, step, b: int, h: int, seq: int, d: int, backend: str, which: str, **extra):
     """Benchmark `step`, put TFLOP/s etc. in benchmark.extra_info and the JSONL file."""
     # Repeat the step inside one timed call so each round lasts >= ~5 ms and the host sync after it is noise.
@@ -124,8 +114,6 @@ def _time_and_record(benchmark, step, b: int, h: int, seq: int, d: int, backend:
     info = {
         "op": "attention",
         "device": torch.cuda.get_device_name() if CUDA else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
         "batch": b,
         "seq": seq,
         "heads": h,
@@ -140,7 +128,7 @@ def _time_and_record(benchmark, step, b: int, h: int, seq: int, d: int, backend:
         **extra,
     }
     benchmark.extra_info.update(info)
-    _record(info)
+    record("attention", **info)
     assert math.isfinite(tflops) and tflops > 0
 
 

@@ -214,6 +214,22 @@ def test_model_attention_layer_triton_matches_ref():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_torch_compile_fullgraph():
+    # The Triton path must trace without graph breaks (custom ops inside the autograd.Function) and give
+    # the eager results, LSE gradient included.
+    q, k, v = (t.requires_grad_() for t in _make(1, 20, 20, 2, 1, 32, torch.float32, layout="packed"))
+
+    def loss(q, k, v):
+        out, lse = attention(q, k, v, backend="triton", return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    traced = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_empty_batch():
     q, k, v = (t.requires_grad_() for t in _make(0, 5, 5, 2, 1, 32, torch.float32))
     out, lse = attention(q, k, v, backend="triton", return_lse=True)

@@ -88,14 +88,19 @@ def check_against_ref(q, k, v, causal, *, lse_grad=False, scale=None):
     assert ours[0].dtype == dtype and ours[0].shape == q.shape
     assert ours[1].dtype == torch.float32 and ours[1].shape == (q.shape[0], q.shape[2], q.shape[1])
     assert ours[2].shape == q.shape and ours[3].shape == k.shape and ours[4].shape == v.shape
-    for name, a, r, s in zip(("out", "lse", "dq", "dk", "dv"), ours, ref64, same):
+    _compare(ours, ref64, same, dtype)
+    return ours
+
+
+def _compare(ours, ref, same, dtype):
+    """Each of out, lse, dq, dk, dv: finite, and max|ours - ref| <= 2 * max|same - ref| + floor."""
+    for name, a, r, s in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, same):
         if name == "lse":  # -inf on rows that see nothing: must match exactly there
             assert torch.equal(torch.isinf(a), torch.isinf(r)), "lse -inf pattern differs"
             a, r, s = (torch.where(torch.isinf(r), 0.0, t.double()) for t in (a, r, s))
         assert torch.isfinite(a).all(), f"{name} has non-finite values"
         err, tol = _max_err(a, r), 2 * _max_err(s, r) + FLOOR[dtype]
         assert err <= tol, f"{name}: max err {err:.3e} > tol {tol:.3e}"
-    return ours
 
 
 # Covering subset of seq {1, 2, 17, 97, 129} x head_dim {32, 64, 96, 128} x GQA {1, 2, 4} x causal x dtype:
@@ -353,10 +358,7 @@ def _gpu_check_vs_ref(q, k, v, causal):
         None,
     )
     sdpa = _run(lambda q, k, v: (attention(q, k, v, causal, backend="sdpa"), ref[1]), q, k, v, do.to(dtype), None)
-    for name, a, r, s in zip(("out", "lse", "dq", "dk", "dv"), ours, ref, sdpa):
-        assert torch.isfinite(a).all(), f"{name} has non-finite values"
-        err, tol = _max_err(a, r), 2 * _max_err(s, r) + FLOOR[dtype]
-        assert err <= tol, f"{name}: max err {err:.3e} > tol {tol:.3e}"
+    _compare(ours, ref, sdpa, dtype)
 
 
 @pytest.mark.gpu

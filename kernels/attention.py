@@ -54,6 +54,7 @@ _LOG2E = 1.4426950408889634
 #                                                    16x128: 0, but 16-wide wgmma tiles are inefficient)
 #   dQ   hd64  128x32 w8 s3: 114 regs, 0            dQ   hd128 128x32 w8 s3: 140 regs, 0 (w4: 192 B)
 # All main loops are software-pipelined (cp.async) and use Hopper wgmma in that compile.
+# Reproduce with tools/attention_sm90_report.py (works without a GPU).
 # - forward: 128 query rows per program keep the tensor cores fed and halve K/V re-reads vs 64;
 #   BLOCK_N 64 bounds the fp32 score tile (128x64) in registers; 3 stages multi-buffer K/V in shared
 #   memory (hd 128: 64 KB of 228 KB).

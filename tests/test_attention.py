@@ -385,3 +385,24 @@ def test_gpu_matches_sdpa_mha_causal():
     ref = attention(q, k, v, backend="sdpa")
     assert (out.float() - ref.float()).abs().max().item() < 2e-2
     assert math.isfinite(out.float().sum().item())
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_lse_gradient_fp16():
+    check_against_ref(*_make(2, 777, 777, 8, 2, 64, torch.float16, "cuda"), True, lse_grad=True)
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_torch_compile_fullgraph_inductor():
+    q, k, v = (t.requires_grad_() for t in _make(2, 512, 512, 8, 2, 128, torch.bfloat16, "cuda", "packed"))
+
+    def loss(q, k, v):
+        return attention(q, k, v, backend="triton").float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    traced = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)

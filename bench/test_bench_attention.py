@@ -74,12 +74,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _make_step(backend: str, which: str, b: int, s: int, h: int, d: int):
+def _make_step(backend: str, which: str, b: int, s: int, h: int, d: int, hk: int | None = None):
     """Returns a no-argument callable running one pass of `which` (the benchmarked work)."""
     dev = "cuda" if CUDA else "cpu"
     fn = _attn_fn(backend)
     grad = which != "fwd"
-    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=DTYPE, requires_grad=grad) for _ in range(3))
+    hk = h if hk is None else hk
+    q = torch.randn(b, s, h, d, device=dev, dtype=DTYPE, requires_grad=grad)
+    k, v = (torch.randn(b, s, hk, d, device=dev, dtype=DTYPE, requires_grad=grad) for _ in range(2))
     if which == "fwd":
         return lambda: fn(q, k, v)
     do = torch.randn(b, s, h, d, device=dev, dtype=DTYPE)
@@ -89,7 +91,9 @@ def _make_step(backend: str, which: str, b: int, s: int, h: int, d: int):
     return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do)
 
 
-def _time_and_record(benchmark, step, b: int, h: int, seq: int, d: int, backend: str, which: str, **extra):
+def _time_and_record(
+    benchmark, step, b: int, h: int, seq: int, d: int, backend: str, which: str, hk: int | None = None, **extra
+):
     """Benchmark `step`, put TFLOP/s etc. in benchmark.extra_info and the JSONL file."""
     # Repeat the step inside one timed call so each round lasts >= ~5 ms and the host sync after it is noise.
     t0 = time.perf_counter()
@@ -117,7 +121,7 @@ def _time_and_record(benchmark, step, b: int, h: int, seq: int, d: int, backend:
         "batch": b,
         "seq": seq,
         "heads": h,
-        "kv_heads": h,
+        "kv_heads": h if hk is None else hk,
         "head_dim": d,
         "causal": CAUSAL,
         "dtype": str(DTYPE).removeprefix("torch."),
@@ -153,6 +157,26 @@ def test_attention(benchmark, seq, d, backend, which):
     except RuntimeError as e:  # an SDPA backend without a kernel for this device/shape
         pytest.skip(f"{backend} unavailable here: {str(e).splitlines()[0][:200]}")
     _time_and_record(benchmark, step, b, h, seq, d, backend, which)
+
+
+# The presets' training shapes (fastgrow/config.py, batch 8 x seq 2048): what the end-to-end runs see.
+# name: (heads, kv_heads, head_dim)
+MODEL_SHAPES = {"410M": (16, 16, 64), "1.1B": (32, 4, 64), "3B": (20, 20, 128), "7B": (32, 32, 128)}
+
+
+@pytest.mark.skipif(not CUDA, reason="model-shape benchmarks need a CUDA GPU")
+@pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "flash_attn"])
+@pytest.mark.parametrize("model", list(MODEL_SHAPES))
+def test_attention_model_shapes(benchmark, model, backend, which):
+    if backend == "flash_attn":
+        pytest.importorskip("flash_attn")
+    h, hk, d = MODEL_SHAPES[model]
+    b, seq = 8, 2048
+    step = _make_step(backend, which, b, seq, h, d, hk)
+    step()
+    _sync()
+    _time_and_record(benchmark, step, b, h, seq, d, backend, which, hk, model=model)
 
 
 # Launch-config sweep for the Triton kernels (GPU only): times alternatives to the fixed table in

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ __all__ = [
     "apply_growth",
     "connection_rate",
     "grow",
+    "grow_checkpoint",
     "growth_at_tokens",
     "parse_spec",
     "plan_from_config",
@@ -445,3 +447,38 @@ def growth_at_tokens(run: RunConfig) -> int:
     from fastgrow.plan import auto_growth_tokens
 
     return auto_growth_tokens(run)
+
+
+def grow_checkpoint(
+    in_path: str | Path,
+    out_path: str | Path,
+    plan: GrowPlan,
+    device: str | torch.device = "cpu",
+    keep: int = 2,
+) -> Path:
+    """Grow a checkpoint on disk: load_checkpoint -> grow() (the same function a run uses) -> save.
+
+    in_path: a step directory or a run directory (its newest complete checkpoint); out_path: the run
+    directory to write `step-N` into. The output carries the input's RNG state, data cursor, step and
+    schedule, so `fastgrow train --resume` on it continues exactly as a run that grew at that step
+    would. The caller's global RNG state is left as it was. Returns the written step directory.
+    """
+    from fastgrow.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+
+    src = resolve_checkpoint(in_path)
+    out = Path(out_path)
+    if out.resolve() == src.parent.resolve():
+        # save_checkpoint would replace the source's own step-N directory.
+        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
+        state = load_checkpoint(src, device, restore_rng=True)
+        grown = grow(state, plan)
+        tok = src / "tokenizer.json"
+        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)

@@ -43,7 +43,7 @@ def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[s
 
 
 def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
-    from fastgrow.data import prepare
+    from fastgrow.data import describe, prepare
 
     sources = args.sources or ["stdlib"]
     meta = prepare(
@@ -56,10 +56,7 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    print(
-        f"wrote {meta['num_tokens']:,} tokens ({meta['num_documents']:,} documents, vocab {meta['vocab_size']}, "
-        f"{meta['dtype']}) to {args.out}"
-    )
+    print(describe(meta, args.out))
     return 0
 
 

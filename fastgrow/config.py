@@ -135,7 +135,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.data_dir), "data.data_dir must not be empty")
-        _check(isinstance(self.seq_len, int) and self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
+        _check(
+            isinstance(self.seq_len, int) and self.seq_len > 0,
+            f"data.seq_len must be > 0, got {self.seq_len}",
+        )
         _check(
             isinstance(self.batch_size, int) and self.batch_size > 0,
             f"data.batch_size must be > 0, got {self.batch_size}",
@@ -224,7 +227,10 @@ class GrowthConfig:
         )
         _check(self.factor >= 1, f"growth.factor must be >= 1, got {self.factor}")
         _check(0 <= self.noise < 1, f"growth.noise must be in [0, 1), got {self.noise}")
-        _check(self.optimizer in ("copy", "reset"), f"growth.optimizer must be copy|reset, got {self.optimizer!r}")
+        _check(
+            self.optimizer in ("copy", "reset"),
+            f"growth.optimizer must be copy|reset, got {self.optimizer!r}",
+        )
         _check(
             self.schedule in ("continue", "rewarm", "restart"),
             f"growth.schedule must be continue|rewarm|restart, got {self.schedule!r}",
@@ -345,7 +351,13 @@ def parse_count(text: str | int | float) -> int:
 
 def _model(layers: int, dim: int, heads: int, kv: int, ffn: int, vocab: int = 32000) -> ModelConfig:
     return ModelConfig(
-        vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn, max_seq_len=2048
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        ffn_dim=ffn,
+        max_seq_len=2048,
     )
 
 

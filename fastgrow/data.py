@@ -5,6 +5,8 @@ Public API
 ``prepare(source, out_dir, *, tokenizer=None, vocab_size=4096, text_field="text", max_bytes=None,
 overwrite=False, progress=True, shard_tokens=DEFAULT_SHARD_TOKENS, eos_token=EOS_TOKEN) -> dict``
     Read documents, train (or load) a tokenizer, write token shards and metadata; returns the metadata.
+``describe(meta, out_dir=None) -> str``
+    One line summarising a prepared directory (tokens, documents, bytes, shards, vocab, dtype).
 ``token_dtype(vocab_size) -> numpy.dtype``
     ``<u2`` (little-endian uint16) when every id fits (vocab <= 65536), else ``<u4``.
 ``DataError``
@@ -37,6 +39,16 @@ and renamed into place; on any error the temp dir is removed. A complete ``out_d
 is only replaced when ``overwrite=True``: the old one is renamed away, the new one renamed in, the old one
 deleted. A directory without meta.json that is not empty is never replaced (it is not ours to delete).
 
+Options: ``max_bytes`` caps the UTF-8 text taken (documents in source order; the last one is cut at a
+character boundary). A trained tokenizer may end up smaller than ``vocab_size`` on a tiny corpus; meta.json
+records the real size, which the model's vocab must be at least. ``shard_tokens`` bounds a shard's size.
+
+Errors (one line each, naming the thing): missing source / tokenizer path -> ``FileNotFoundError``; a
+complete ``out_dir`` without ``overwrite`` -> ``FileExistsError``; no input files, no text, a binary or
+non-UTF-8 text file, an unreadable file, a json/parquet/Hub source without ``text_field`` (the message
+lists the fields it has), a tokenizer without ``eos_token`` -> ``DataError``; bad option values ->
+``ValueError``.
+
 Determinism: the same sources, options and library versions give byte-identical shards and meta.json
 (no timestamps are recorded).
 
@@ -46,6 +58,7 @@ Determinism: the same sources, options and library versions give byte-identical 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -199,19 +212,29 @@ class _ReadStats:
     truncated: bool = False
 
 
-def _check_text_file(path: Path) -> str | None:
-    """None if `path` is readable UTF-8 text, else the reason it is not (binary / undecodable)."""
+def _check_text_file(path: Path, chunk: int = 8 << 20) -> str | None:
+    """None if `path` is readable UTF-8 text, else the reason it is not (binary / undecodable).
+    Reads in chunks so a large file is never held in memory twice."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(chunk)
+                final = not block
+                nul = block.find(b"\x00")
+                if nul >= 0:
+                    return f"contains NUL bytes (byte {offset + nul}; binary file?)"
+                pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk
+                try:
+                    decoder.decode(block, final=final)
+                except UnicodeDecodeError as e:
+                    return f"is not valid UTF-8 (byte {offset - pending + e.start}: {e.reason})"
+                if final:
+                    return None
+                offset += len(block)
     except OSError as e:
         raise DataError(f"cannot read input file {path}: {e.strerror or e}") from None
-    if b"\x00" in data:
-        return "contains NUL bytes (binary file?)"
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return f"is not valid UTF-8 (byte {e.start}: {e.reason})"
-    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -236,9 +259,7 @@ def _rows_text(rows: Iterable[dict], text_field: str, where: str, stats: _ReadSt
     """The `text_field` of each row; a missing field names the field, the source and the fields it has."""
     for i, row in enumerate(rows):
         if text_field not in row:
-            raise DataError(
-                f"{where}: no field {text_field!r} (fields: {sorted(row)}); set text_field / --text-field"
-            )
+            raise DataError(f"{where}: no field {text_field!r} (fields: {sorted(row)}); set text_field / --text-field")
         value = row[text_field]
         if value is None:
             stats.skipped_records += 1
@@ -263,9 +284,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
                 if part.lenient:
                     stats.skipped_files += 1
                     continue
-                raise DataError(
-                    f"input file {f} {reason}; only text, .jsonl/.json and .parquet are supported"
-                )
+                raise DataError(f"input file {f} {reason}; only text, .jsonl/.json and .parquet are supported")
             files.append(f)
             # Decoded text never has more UTF-8 bytes than the file (newline translation only shrinks it).
             covered += f.stat().st_size
@@ -274,7 +293,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
         ds = datasets.load_dataset(
             "text", data_files=[str(f) for f in files], sample_by="document", split="train", streaming=True
         )
-        for row in ds:
+        for row in _guarded(ds, f"cannot read text files {files[0]} ... {files[-1]}"):
             yield row["text"]
         return
     if part.kind in ("json", "parquet"):
@@ -291,9 +310,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
     if part.kind == "hf":
         assert part.hf is not None
         name, config, split = part.hf
-        where = (
-            f"Hugging Face dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
-        )
+        where = f"Hugging Face dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
         try:
             ds = datasets.load_dataset(name, config, split=split, streaming=True)
         except Exception as e:
@@ -304,9 +321,7 @@ def _stream_part(part: _Part, text_field: str, budget: float, stats: _ReadStats)
         yield from _rows_text(_guarded(ds, f"cannot read {where}"), text_field, where, stats)
 
 
-def iter_documents(
-    parts: list[_Part], text_field: str, max_bytes: int | None, stats: _ReadStats
-) -> Iterator[str]:
+def iter_documents(parts: list[_Part], text_field: str, max_bytes: int | None, stats: _ReadStats) -> Iterator[str]:
     """Non-empty documents in source order, stopping after `max_bytes` UTF-8 bytes (the last document is
     cut at a character boundary so the total never exceeds the cap)."""
     remaining = float("inf") if max_bytes is None else max_bytes
@@ -456,9 +471,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def train_tokenizer(
-    docs: Iterable[str], vocab_size: int, *, eos_token: str = EOS_TOKEN, progress: bool = True
-):
+def train_tokenizer(docs: Iterable[str], vocab_size: int, *, eos_token: str = EOS_TOKEN, progress: bool = True):
     """A byte-level BPE (GPT-2 style: ByteLevel pre-tokenizer and decoder, no prefix space) trained on
     `docs`, with `eos_token` as its only special token (id 0). May end up smaller than `vocab_size` when
     the corpus has fewer distinct merges."""
@@ -511,8 +524,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> str:
     state = _existing_state(out_dir)
     if state == "complete" and not overwrite:
         raise FileExistsError(
-            f"output directory {out_dir} already holds prepared data; "
-            "pass overwrite=True (--overwrite) to replace it"
+            f"output directory {out_dir} already holds prepared data; pass overwrite=True (--overwrite) to replace it"
         )
     return state
 
@@ -555,9 +567,7 @@ def prepare(
     meta.json into `out_dir` atomically, and return the metadata dict. See the module docstring."""
     from tqdm.auto import tqdm
 
-    if max_bytes is not None and (
-        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
-    ):
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
@@ -566,18 +576,14 @@ def prepare(
     if tokenizer is None and (
         isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_TRAINED_VOCAB
     ):
-        raise ValueError(
-            f"vocab_size must be an integer >= {MIN_TRAINED_VOCAB} (256 bytes + EOS), got {vocab_size!r}"
-        )
+        raise ValueError(f"vocab_size must be an integer >= {MIN_TRAINED_VOCAB} (256 bytes + EOS), got {vocab_size!r}")
     out_dir = Path(out_dir)
     parts, described = resolve_sources(source)
     tok = None
     if tokenizer is not None:
         tok = _load_tokenizer(Path(tokenizer))
         if tok.token_to_id(eos_token) is None:
-            raise DataError(
-                f"tokenizer {tokenizer} has no {eos_token!r} token (set eos_token to its EOS token)"
-            )
+            raise DataError(f"tokenizer {tokenizer} has no {eos_token!r} token (set eos_token to its EOS token)")
     _check_out_dir(out_dir, overwrite)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -609,10 +615,12 @@ def prepare(
         dtype = token_dtype(real_vocab)
 
         # Pass 2: encode in batches; every document is followed by EOS.
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
+        encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
         writer = _ShardWriter(tmp, dtype, shard_tokens)
         with tqdm(desc="encode", total=stats.bytes, unit="B", unit_scale=True, disable=not progress) as bar:
             for batch in _spill_batches(spill):
-                encs = tok.encode_batch(batch, add_special_tokens=False)
+                encs = encode(batch, add_special_tokens=False)
                 lengths = [len(e.ids) + 1 for e in encs]
                 ids = np.empty(sum(lengths), dtype=np.int64)
                 pos = 0
@@ -663,6 +671,18 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def describe(meta: dict[str, Any], out_dir: str | Path | None = None) -> str:
+    """One line summarising a prepare result (for the CLI), e.g.
+    ``9,376,117 tokens (1,758 documents, 31.5 MB of text) in 1 shard, vocab 4096 (uint16) -> data/stdlib``."""
+    n_shards = len(meta["shards"])
+    mb = meta["num_bytes"] / 1e6
+    line = (
+        f"{meta['num_tokens']:,} tokens ({meta['num_documents']:,} documents, {mb:.1f} MB of text) in "
+        f"{n_shards} shard{'s' if n_shards != 1 else ''}, vocab {meta['vocab_size']} ({meta['dtype']})"
+    )
+    return line if out_dir is None else f"{line} -> {out_dir}"
 
 
 def _version() -> str:

@@ -122,7 +122,8 @@ def run_demo(
     result = train(cfg)
     records = read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl")
     rows = phase_table(records)
-    png = plot_loss(records, Path(cfg.train.out_dir) / "loss.png", title="fastgrow demo: tiny, stacked x4")
+    title = "fastgrow demo: tiny-base (2 layers) stacked x4 to 8 layers" if grow else "fastgrow demo: tiny from scratch"
+    png = plot_loss(records, Path(cfg.train.out_dir) / "loss.png", title=title)
     summary = result.summary()
     print()
     print(format_table(rows))

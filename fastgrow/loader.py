@@ -95,14 +95,11 @@ class TokenData:
     def open(cls, data_dir: str | Path, *, verify: bool = True) -> TokenData:
         d = Path(data_dir)
         if not d.is_dir():
-            raise FileNotFoundError(
-                f"data directory {d} not found; create it with `fastgrow prepare SOURCE --out {d}`"
-            )
+            raise FileNotFoundError(f"data directory {d} not found; create it with `fastgrow prepare SOURCE --out {d}`")
         meta_path = d / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(
-                f"{meta_path} not found ({d} is incomplete or not prepared); "
-                "run `fastgrow prepare` to create it"
+                f"{meta_path} not found ({d} is incomplete or not prepared); run `fastgrow prepare` to create it"
             )
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -116,9 +113,7 @@ class TokenData:
             path = d / shard["file"]
             n = int(shard["num_tokens"])
             if not path.is_file():
-                raise FileNotFoundError(
-                    f"shard {path} listed in {META_FILE} is missing; re-run `fastgrow prepare`"
-                )
+                raise FileNotFoundError(f"shard {path} listed in {META_FILE} is missing; re-run `fastgrow prepare`")
             size = path.stat().st_size
             if size != n * dtype.itemsize:
                 raise DataError(
@@ -132,12 +127,11 @@ class TokenData:
                         f"shard {path}: checksum mismatch (sha256 {got[:16]}..., expected "
                         f"{shard['sha256'][:16]}...); the file is corrupt, re-run `fastgrow prepare`"
                     )
-            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))
+            # mmap cannot map an empty file; an empty shard contributes nothing to the stream.
+            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype))
             total += n
         if total != int(meta["num_tokens"]):
-            raise DataError(
-                f"{meta_path}: shards hold {total} tokens but num_tokens says {meta['num_tokens']}"
-            )
+            raise DataError(f"{meta_path}: shards hold {total} tokens but num_tokens says {meta['num_tokens']}")
         data = cls(d, meta, maps)
         tok = meta.get("tokenizer", {})
         check_tok = verify and bool(tok.get("sha256")) and data.tokenizer_path.is_file()
@@ -235,8 +229,7 @@ class BatchLoader:
         if n < 1:
             need = self.seq_len + 1
             hint = (
-                f"at least {math.ceil(need / self.val_fraction)} tokens in total "
-                f"at val_fraction={self.val_fraction}"
+                f"at least {math.ceil(need / self.val_fraction)} tokens in total at val_fraction={self.val_fraction}"
                 if split == "val"
                 else f"about {math.ceil(need / (1 - self.val_fraction))} tokens in total"
             )
@@ -300,9 +293,7 @@ class BatchLoader:
             return []
         nw = self._windows(self._val, "val")
         idx = np.round(np.linspace(0, nw - 1, n * self.batch_size)).astype(np.int64)
-        return [
-            self._gather(self._val, idx[i * self.batch_size : (i + 1) * self.batch_size]) for i in range(n)
-        ]
+        return [self._gather(self._val, idx[i * self.batch_size : (i + 1) * self.batch_size]) for i in range(n)]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable cursor (plain ints/floats/strings)."""
@@ -324,11 +315,10 @@ class BatchLoader:
         if not isinstance(state, dict):
             raise ValueError(f"data cursor must be a dict, got {type(state).__name__}")
         if state.get("version") != _CURSOR_VERSION:
-            raise ValueError(
-                f"data cursor version {state.get('version')!r} is not supported ({_CURSOR_VERSION})"
-            )
+            raise ValueError(f"data cursor version {state.get('version')!r} is not supported ({_CURSOR_VERSION})")
         mine = self.state_dict()
-        for key in ("split", "seq_len", "batch_size", "seed", "num_windows", "val_fraction", "num_tokens"):
+        # Most explanatory first: a changed setting is reported before the window count it changes.
+        for key in ("split", "seq_len", "batch_size", "seed", "val_fraction", "num_tokens", "num_windows"):
             if key not in state:
                 raise ValueError(f"data cursor is missing {key!r}")
             if state[key] != mine[key]:

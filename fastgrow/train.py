@@ -385,8 +385,13 @@ class _Runner:
         val = evaluate(self.state, self.val_batches, self.cfg)
         self._emit(
             log,
-            {"kind": "val", "step": self.state.step, "tokens": self.state.tokens, "flops": self._flops_so_far(),
-             "val_loss": val},
+            {
+                "kind": "val",
+                "step": self.state.step,
+                "tokens": self.state.tokens,
+                "flops": self._flops_so_far(),
+                "val_loss": val,
+            },
             pbar,
         )
 

@@ -38,9 +38,7 @@ def attention_ref(
 def _sdpa(q, k, v, causal, softmax_scale):
     h, hk = q.shape[2], k.shape[2]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(
-        qt, kt, vt, is_causal=causal, scale=softmax_scale, enable_gqa=(h != hk)
-    )
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale, enable_gqa=(h != hk))
     return out.transpose(1, 2)
 
 

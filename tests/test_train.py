@@ -1,0 +1,189 @@
+"""The training loop: bitwise resume in a new process, non-finite steps, SIGTERM, one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_config
+from safetensors.torch import load_file
+
+from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, optimizer_tensors
+from fastgrow.config import ConfigError
+from fastgrow.metrics import read_metrics
+from fastgrow.train import TrainingAborted, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_toml(cfg, path):
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(*args, timeout=300, **kw):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "fastgrow.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+        **kw,
+    )
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_resume_is_bitwise_exact_in_a_new_process(tiny_data, tmp_path):
+    straight = tiny_run_config(tiny_data, tmp_path / "a", max_steps=8, ckpt_every=0)
+    res = train(straight, echo=False)
+    # N steps, checkpoint, then a NEW process resumes and does the other N.
+    split = tiny_run_config(tiny_data, tmp_path / "b", max_steps=8, ckpt_every=0)
+    first = train(split, echo=False, until_step=4)
+    assert first.checkpoint.name == "step-00000004"
+    cfg_file = write_toml(split, tmp_path / "b.toml")
+    proc = run_cli("train", "--config", cfg_file, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    resumed = load_checkpoint(tmp_path / "b", "cpu")
+    assert resumed.step == res.state.step == 8 and resumed.tokens == res.state.tokens
+    for name, t in res.state.model.state_dict().items():
+        assert torch.equal(t, resumed.model.state_dict()[name]), name
+    a, b = optimizer_tensors(res.state), optimizer_tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert all(la[s] == lb[s] for s in range(1, 9)), (la, lb)
+
+
+def test_resume_with_a_different_config_is_refused(tiny_data, tmp_path):
+    cfg = tiny_run_config(tiny_data, tmp_path / "r")
+    train(cfg, echo=False, until_step=4)
+    changed = tiny_run_config(tiny_data, tmp_path / "r", lr=1e-3)
+    with pytest.raises(ConfigError, match=r"train.lr: checkpoint 0.003 vs now 0.001"):
+        train(changed, resume=True, echo=False)
+    # Logging / checkpoint cadence may change on resume.
+    ok = tiny_run_config(tiny_data, tmp_path / "r", log_every=2, ckpt_every=0)
+    assert train(ok, resume=True, echo=False).state.step == 8
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tiny_data, tmp_path):
+    cfg = tiny_run_config(tiny_data, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(cfg, resume=True, echo=False)
+    train(cfg, echo=False, until_step=4)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(cfg, echo=False)
+
+
+def test_nonfinite_steps_are_skipped_without_touching_adam(tiny_data, tmp_path, monkeypatch):
+    from fastgrow import model as model_mod
+
+    calls = {"n": 0}
+    real_forward = model_mod.Transformer.forward
+
+    def flaky_forward(self, tokens, targets=None):
+        out = real_forward(self, tokens, targets)
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 3 else out  # the 3rd step's loss is NaN
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", flaky_forward)
+    cfg_long = tiny_run_config(tiny_data, tmp_path / "nan2", max_steps=4, ckpt_every=0)
+    res = train(cfg_long, echo=False, until_step=2)
+    before = {k: v.clone() for k, v in optimizer_tensors(res.state).items()}
+    weights = {k: v.clone() for k, v in res.state.model.state_dict().items()}
+    res3 = train(cfg_long, resume=True, echo=False, until_step=3)  # calls["n"] hits 3 here
+    after = optimizer_tensors(res3.state)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    for k, v in res3.state.model.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    rec = [r for r in res3.records if r["kind"] == "train"][-1]
+    assert rec["skipped_steps"] == 1 and res3.state.step == 3
+
+
+def test_aborts_after_k_consecutive_bad_steps(tiny_data, tmp_path, monkeypatch):
+    from fastgrow import model as model_mod
+
+    real_forward = model_mod.Transformer.forward
+    monkeypatch.setattr(
+        model_mod.Transformer, "forward", lambda self, t, y=None: real_forward(self, t, y) * float("inf")
+    )
+    cfg = tiny_run_config(tiny_data, tmp_path / "inf", max_steps=8, max_bad_steps=3, log_every=4)
+    with pytest.raises(TrainingAborted, match="3 consecutive non-finite steps"):
+        train(cfg, echo=False)
+
+
+def test_sigterm_saves_then_exits(tiny_data, tmp_path):
+    cfg = tiny_run_config(tiny_data, tmp_path / "term", max_steps=100000, ckpt_every=0, log_every=1)
+    cfg_file = write_toml(cfg, tmp_path / "term.toml")
+    env = {**os.environ}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastgrow.cli", "train", "--config", str(cfg_file)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    ckpt = latest_checkpoint(tmp_path / "term")
+    assert ckpt is not None and "SIGTERM: saved" in err
+    assert load_checkpoint(ckpt).step >= 2
+
+
+def test_cli_errors_are_one_line(tiny_data, tmp_path):
+    p = run_cli("train", "--data.data_dir=" + str(tmp_path / "missing"), "--train.out_dir=" + str(tmp_path / "o"))
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "fastgrow prepare" in p.stderr, p.stderr
+    p = run_cli("train", "--model.dim=100", "--model.n_heads=3")
+    assert p.returncode == 2 and p.stderr.startswith("fastgrow: error: model.dim (100) must be divisible"), p.stderr
+    p = run_cli("train", "--train.lr=fast")
+    assert p.returncode == 2 and "train.lr must be a number" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_corrupt_shard_is_named(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = sorted(data.glob("*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    p = run_cli("train", f"--data.data_dir={data}", f"--train.out_dir={tmp_path / 'o'}")
+    assert p.returncode == 2 and shard.name in p.stderr and "checksum" in p.stderr, p.stderr
+    assert p.stderr.count("\n") == 1
+
+
+def test_metrics_lines_have_the_documented_fields(tiny_data, tmp_path):
+    cfg = tiny_run_config(tiny_data, tmp_path / "m", max_steps=4, eval_every=2, ckpt_every=0)
+    train(cfg, echo=False)
+    recs = read_metrics(tmp_path / "m" / "metrics.jsonl")
+    tr = [r for r in recs if r["kind"] == "train"]
+    assert len(tr) == 4
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "flops"):
+        assert key in tr[0]
+    assert tr[-1]["tokens"] == 4 * 4 * 32
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [2, 4]
+    assert load_file(str(latest_checkpoint(tmp_path / "m") / "model.safetensors"))

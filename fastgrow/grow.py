@@ -1,7 +1,7 @@
 """grow(state, plan) -> state: grow a live TrainState in place on its device, optimizer included.
 
 The whole training state is mapped at once: a new Transformer (the target ModelConfig) is allocated on
-the state's device (built on the meta device, then `to_empty`, so nothing is initialised twice or
+the state's device (uninitialised: module init is skipped, so nothing is initialised twice or
 crosses the host), and every parameter and Adam moment is filled with device-to-device copies (batched
 with `torch._foreach_copy_` where shapes match) or in-place fills; the Adam `step` tensors are cloned on
 the device they live on. Nothing calls `.item()`, `.cpu()` or `.tolist()`, nothing synchronises, nothing
@@ -40,6 +40,7 @@ decay start over from the growth step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +127,7 @@ class GrowPlan:
         if not 0.0 <= self.noise < 1.0:
             raise ValueError(f"grow plan noise must be in [0, 1), got {self.noise!r}")
         if self.optimizer not in OPTIMIZER_POLICIES:
-            raise ValueError(
-                f"grow plan optimizer must be one of {OPTIMIZER_POLICIES}, got {self.optimizer!r}"
-            )
+            raise ValueError(f"grow plan optimizer must be one of {OPTIMIZER_POLICIES}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULE_POLICIES:
             raise ValueError(f"grow plan schedule must be one of {SCHEDULE_POLICIES}, got {self.schedule!r}")
         if self.schedule == "rewarm" and self.rewarm_steps < 1:
@@ -159,8 +158,7 @@ def _target_widths(plan: GrowPlan, cfg: ModelConfig) -> tuple[int, int, int, int
         raise ValueError(f"target width {dim} is not divisible by target_heads {heads}")
     if dim % hd:
         raise ValueError(
-            f"target width {dim} is not divisible by the head dim {hd} "
-            "(the head dim is kept so RoPE is unchanged)"
+            f"target width {dim} is not divisible by the head dim {hd} (the head dim is kept so RoPE is unchanged)"
         )
     heads = heads or dim // hd
     if dim // heads != hd:
@@ -197,10 +195,30 @@ def resolve_plan(plan: GrowPlan, cfg: ModelConfig) -> ResolvedPlan:
     if plan.width == "direct":
         check_direct(cfg, dst)
     if sources == list(range(L)) and width.identity:
-        raise ValueError(
-            f"the plan does not grow the model (still {L} layers, dim {cfg.dim}, ffn {cfg.ffn_dim})"
-        )
+        raise ValueError(f"the plan does not grow the model (still {L} layers, dim {cfg.dim}, ffn {cfg.ffn_dim})")
     return ResolvedPlan(plan=plan, src=cfg, dst=dst, sources=sources, width=width)
+
+
+class _Uninitialised(Transformer):
+    """A Transformer whose constructor skips reset_parameters: grow() writes every tensor anyway."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _no_module_init():
+    """Skip nn.Linear / nn.Embedding's own init while the grown model is built (as Hugging Face's
+    `no_init_weights` does): it would be a wasted pass over every weight (and kernel launches), since
+    grow() writes every tensor. Restored on exit; grow() is not meant to run in parallel threads."""
+    saved = [(cls, cls.reset_parameters) for cls in (torch.nn.Linear, torch.nn.Embedding)]
+    try:
+        for cls, _ in saved:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.reset_parameters = fn
 
 
 class _Copier:
@@ -240,9 +258,7 @@ def _seed(state: TrainState, plan: GrowPlan) -> int:
     return (int(base) * 1_000_003 + int(state.step) + 1) % (2**63 - 1)
 
 
-def _init_new_block_param(
-    p: torch.Tensor, name: str, op: str, std: float, gen: torch.Generator | None
-) -> None:
+def _init_new_block_param(p: torch.Tensor, name: str, op: str, std: float, gen: torch.Generator | None) -> None:
     if name.endswith("norm.weight"):
         p.fill_(1.0)
     elif op == "zero" and (name.endswith("attn.wo.weight") or name.endswith("mlp.w2.weight")):
@@ -277,13 +293,18 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     dev = state.device
     dtype = old_model.tok_embeddings.weight.dtype
 
-    with torch.device("meta"):
-        new_model = Transformer(r.dst)
-    new_model = new_model.to(dtype=dtype).to_empty(device=dev)
+    # Allocated once, uninitialised, directly on the device (a meta build + to_empty costs ~5x more
+    # host time: meta ops are Python decompositions); every tensor is written below.
+    with torch.device(dev), _no_module_init():
+        new_model = _Uninitialised(r.dst)
+    new_model.__class__ = Transformer  # a plain Transformer from here on
+    if dtype != new_model.tok_embeddings.weight.dtype:
+        new_model = new_model.to(dtype=dtype)
     # RoPE tables depend on head dim / max_seq_len / theta only, all kept: copy them on the device.
     new_model.rope_cos.copy_(old_model.rope_cos)
     new_model.rope_sin.copy_(old_model.rope_sin)
-    new_model.train(old_model.training)
+    if not old_model.training:  # modules are built in training mode
+        new_model.eval()
 
     needs_rng = plan.noise > 0 or NEW_BLOCK in r.sources or (plan.width == "random" and not r.width.identity)
     gen = None

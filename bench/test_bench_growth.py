@@ -168,7 +168,7 @@ def test_throughput_before_after_growth(benchmark):
 
     benchmark.pedantic(grown_step, rounds=STEPS, warmup_rounds=1)
     t_grown = benchmark.stats.stats.median
-    del grown
+    grown = None  # free the grown state before building the scratch model
 
     scratch = _state(dataclasses.replace(target))
     _timed_steps(scratch, 2, x, y)

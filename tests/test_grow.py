@@ -58,9 +58,7 @@ def test_stack_sources_paper_notation():
     assert stack_sources("123456*4", 6) == list(range(6)) * 4
     assert stack_sources("1,2,3,1,2,3", 3) == [0, 1, 2, 0, 1, 2]
     # Comma / parenthesised forms for models deeper than 9 layers.
-    assert (
-        stack_sources("(1,2)-(3,4,5,6,7,8,9,10,11,12)-(10,11,12)*2", 12) == list(range(12)) + [9, 10, 11] * 2
-    )
+    assert stack_sources("(1,2)-(3,4,5,6,7,8,9,10,11,12)-(10,11,12)*2", 12) == list(range(12)) + [9, 10, 11] * 2
     assert stack_sources("(1,2,3,4,5,6,7,8,9,10,11,12)*2", 12) == list(range(12)) * 2
 
 
@@ -161,9 +159,7 @@ def test_zero_depth_growth_keeps_logits_exactly(base_state):
         new = [i for i, s in enumerate(resolve_plan(plan, base_state.model.cfg).sources) if s < 0]
         for i in new:
             blk = g.model.layers[i]
-            assert (
-                torch.count_nonzero(blk.attn.wo.weight) == 0 and torch.count_nonzero(blk.mlp.w2.weight) == 0
-            )
+            assert torch.count_nonzero(blk.attn.wo.weight) == 0 and torch.count_nonzero(blk.mlp.w2.weight) == 0
             assert blk.attn.wqkv.weight.std() > 0  # initialised, so wo/w2 get gradients at once
             st = g.optimizer.state[blk.attn.wqkv.weight]
             assert torch.count_nonzero(st["exp_avg"]) == 0 and torch.equal(st["step"], torch.tensor(3.0))
@@ -205,9 +201,7 @@ def test_stack_maps_layers_moments_and_step(base_state, plan):
     assert g.cursor == base_state.cursor and g.cursor is not base_state.cursor
     rec = g.growth_history[-1]
     assert rec["sources"] == sources and rec["step"] == 3
-    assert (
-        rec["params_after"] == g.model.num_params() and rec["params_before"] == base_state.model.num_params()
-    )
+    assert rec["params_after"] == g.model.num_params() and rec["params_before"] == base_state.model.num_params()
     json.dumps(rec)
 
 
@@ -326,9 +320,7 @@ def test_unstepped_optimizer_has_nothing_to_carry():
 
 
 def test_plan_from_config_and_apply_growth(base_state):
-    cfg = GrowthConfig(
-        at_tokens=100, op="partial", spec="1-23*3", noise=0.0, schedule="rewarm", rewarm_steps=2
-    )
+    cfg = GrowthConfig(at_tokens=100, op="partial", spec="1-23*3", noise=0.0, schedule="rewarm", rewarm_steps=2)
     plan = plan_from_config(cfg, base_state.model.cfg)
     assert plan.depth == "partial" and plan.spec == "1-23*3" and plan.rewarm_steps == 2
     g = apply_growth(base_state, cfg)
@@ -350,6 +342,9 @@ def test_growth_at_tokens():
     budget = run.train.max_steps * run.data.batch_size * run.data.seq_len
     # Eq. 10 extrapolates far past the budget for a model this small: clamped to half of it.
     assert growth_at_tokens(run) == budget // 2
+    from fastgrow.train import resolve_growth_tokens  # the trainer's entry point agrees
+
+    assert resolve_growth_tokens(run) == budget // 2
 
 
 # --- GPU: no host syncs, no DtoH copies -------------------------------------------------------------
@@ -361,7 +356,17 @@ def test_grow_on_gpu_has_no_host_sync():
 
     from fastgrow.state import build_state
 
-    cfg = tiny_run(dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256, n_layers=2, vocab_size=512)
+    # Reference kernels / SDPA for the training steps: this test is about grow(), not the kernels.
+    cfg = tiny_run(
+        dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=256,
+        n_layers=2,
+        vocab_size=512,
+        kernel_impl="ref",
+        attn_backend="sdpa",
+    )
     st = build_state(cfg, device="cuda")
     tok = batch(512, 0).cuda()
     for _ in range(2):

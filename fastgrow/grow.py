@@ -300,9 +300,14 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     new_model.__class__ = Transformer  # a plain Transformer from here on
     if dtype != new_model.tok_embeddings.weight.dtype:
         new_model = new_model.to(dtype=dtype)
-    # RoPE tables depend on head dim / max_seq_len / theta only, all kept: copy them on the device.
-    new_model.rope_cos.copy_(old_model.rope_cos)
-    new_model.rope_sin.copy_(old_model.rope_sin)
+    # Buffers (the RoPE tables) depend on head dim / max_seq_len / theta only, all kept by growth:
+    # copy them on the device rather than recompute (bitwise the tables the old model used).
+    old_buffers = dict(old_model.named_buffers())
+    for name, buf in new_model.named_buffers():
+        src = old_buffers.get(name)
+        if src is None or src.shape != buf.shape:
+            raise RuntimeError(f"grow(): no matching buffer {name!r} in the old model to copy")
+        buf.copy_(src)
     if not old_model.training:  # modules are built in training mode
         new_model.eval()
 

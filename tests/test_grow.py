@@ -393,3 +393,17 @@ def test_grow_on_gpu_has_no_host_sync():
         assert g.model.layers[0].attn.wqkv.weight.is_cuda
         assert all(s["step"].is_cuda for s in g.optimizer.state.values())  # fused AdamW keeps step on device
         train_step(g, tok)
+
+
+def test_grow_keeps_dtype_and_eval_mode():
+    from fastgrow.optim import build_optimizer
+    from fastgrow.state import build_state
+
+    st = build_state(tiny_run(), device="cpu")
+    st.model.to(torch.bfloat16).eval()
+    st.optimizer = build_optimizer(st.model, st.config.train)
+    g = grow(st, GrowPlan("stack", factor=2, target_ffn_dim=80))
+    assert all(p.dtype == torch.bfloat16 for p in g.model.parameters())
+    assert g.model.rope_cos.dtype == st.model.rope_cos.dtype and torch.equal(g.model.rope_cos, st.model.rope_cos)
+    assert not g.model.training
+    assert torch.equal(g.model.layers[3].attn.wqkv.weight, st.model.layers[1].attn.wqkv.weight)

@@ -406,4 +406,4 @@ def test_grow_keeps_dtype_and_eval_mode():
     assert all(p.dtype == torch.bfloat16 for p in g.model.parameters())
     assert g.model.rope_cos.dtype == st.model.rope_cos.dtype and torch.equal(g.model.rope_cos, st.model.rope_cos)
     assert not g.model.training
-    assert torch.equal(g.model.layers[3].attn.wqkv.weight, st.model.layers[1].attn.wqkv.weight)
+    assert torch.equal(g.model.layers[4].attn.wqkv.weight, st.model.layers[1].attn.wqkv.weight)  # 6 <- 1,2,3,1,2,3

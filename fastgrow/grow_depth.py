@@ -23,9 +23,7 @@ def _parse_body(body: str, spec: str) -> list[int]:
     if "," in inner or inner != body:
         items = [t.strip() for t in inner.split(",")]
         if not items or any(not t.isdigit() for t in items):
-            raise ValueError(
-                f"malformed stacking spec {spec!r}: {body!r} must be comma-separated layer numbers"
-            )
+            raise ValueError(f"malformed stacking spec {spec!r}: {body!r} must be comma-separated layer numbers")
         return [int(t) for t in items]
     if not inner.isdigit():
         raise ValueError(
@@ -66,9 +64,7 @@ def parse_spec(spec: str, base_layers: int, allow_new: bool = False) -> list[int
         m = _REPEAT.match(seg)
         body, rep = m.group("body"), m.group("rep")
         if "*" in body:
-            raise ValueError(
-                f"malformed stacking spec {spec!r}: segment {seg!r} (repeat must be '*<integer>')"
-            )
+            raise ValueError(f"malformed stacking spec {spec!r}: segment {seg!r} (repeat must be '*<integer>')")
         layers = _parse_body(body, spec)
         k = int(rep) if rep is not None else 1
         if k < 1:
@@ -112,9 +108,7 @@ def connection_rate(sources: list[int]) -> float:
     return hits / (len(sources) - 1)
 
 
-def depth_sources(
-    op: str, base_layers: int, target_layers: int = 0, factor: int = 0, spec: str = ""
-) -> list[int]:
+def depth_sources(op: str, base_layers: int, target_layers: int = 0, factor: int = 0, spec: str = "") -> list[int]:
     """Sources for a depth operator.
 
     stack: the whole model repeated (layer i <- i mod L); interpolate: each layer repeated in place

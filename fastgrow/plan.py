@@ -152,9 +152,7 @@ def plan_growth(
     base_layers = None
     if target_layers is not None:
         if target_layers % factor:
-            raise ValueError(
-                f"target layers ({target_layers}) are not divisible by the growth factor ({factor})"
-            )
+            raise ValueError(f"target layers ({target_layers}) are not divisible by the growth factor ({factor})")
         base_layers = target_layers // factor
 
     c = 6.0 * n * d_tokens

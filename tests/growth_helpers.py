@@ -64,9 +64,7 @@ def assert_same_snapshot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def opt_state_by_name(state: TrainState) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        n: state.optimizer.state[p] for n, p in state.model.named_parameters() if p in state.optimizer.state
-    }
+    return {n: state.optimizer.state[p] for n, p in state.model.named_parameters() if p in state.optimizer.state}
 
 
 def replace_train(cfg: RunConfig, **kw) -> RunConfig:

@@ -86,9 +86,7 @@ def data_dir(tmp_path_factory):
 
 def run_cfg(data_dir, out_dir, growth: GrowthConfig | None = None) -> RunConfig:
     return RunConfig(
-        model=ModelConfig(
-            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32
-        ),
+        model=ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32),
         data=DataConfig(data_dir=str(data_dir), seq_len=16, batch_size=2, val_fraction=0.05),
         train=TrainConfig(
             device="cpu",
@@ -104,8 +102,7 @@ def run_cfg(data_dir, out_dir, growth: GrowthConfig | None = None) -> RunConfig:
             ckpt_every=0,
             progress=False,
         ),
-        growth=growth
-        or GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),
+        growth=growth or GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),
     )
 
 

@@ -51,9 +51,7 @@ def test_plan_410m_preset():
     assert p.growth_tokens == round(growth_tokens(p.params, p.flops))
     assert p.flops_small == pytest.approx(6 * p.params_small * p.growth_tokens)
     assert p.flops_large == pytest.approx(6 * p.params * (p.tokens - p.growth_tokens))
-    assert p.flops_scratch - p.flops_grown_total == pytest.approx(
-        6 * (p.params - p.params_small) * p.growth_tokens
-    )
+    assert p.flops_scratch - p.flops_grown_total == pytest.approx(6 * (p.params - p.params_small) * p.growth_tokens)
     assert p.in_fit_range
     d = p.to_dict()
     for key in ("growth_tokens", "factor", "base_layers", "target_layers", "flops_small", "flops_large"):

@@ -203,6 +203,9 @@ def save_checkpoint(
     final = run / f"step-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=run))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as any dir
         weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))

@@ -92,6 +92,33 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+# --- Hugging Face interchange ---------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from fastgrow.hf import export_checkpoint
+
+    out = export_checkpoint(
+        args.ckpt, args.out_dir, special_token=args.eos_token, torch_dtype=args.dtype, overwrite=args.overwrite
+    )
+    print(f"wrote a LlamaForCausalLM folder to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, rest: list[str]) -> int:
+    from dataclasses import replace
+
+    from fastgrow.hf import import_checkpoint
+
+    # The run config the imported model will train with ([model] is replaced by the HF architecture);
+    # `fastgrow train --resume` with the same --preset/--config/overrides then accepts the checkpoint.
+    cfg = build_config(args, rest)
+    cfg = replace(cfg, train=replace(cfg.train, out_dir=args.out_ckpt))
+    ckpt = import_checkpoint(args.hf_dir, args.out_ckpt, run_config=cfg)
+    print(f"wrote {ckpt}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 
 
@@ -133,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-growth", action="store_true", help="train the target from scratch, no growth")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder")
+    p.add_argument("ckpt", help="a checkpoint (step-N directory) or a run directory (its newest checkpoint)")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights (default: as saved)")
+    p.add_argument("--eos-token", help="the tokenizer's EOS token (default <|endoftext|> or its only special token)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="turn a local LlamaForCausalLM folder into a fastgrow checkpoint (step 0)")
+    p.add_argument("hf_dir", help="Hugging Face model folder (config.json + safetensors or pytorch_model.bin)")
+    p.add_argument("out_ckpt", help="run directory to create the checkpoint in (becomes train.out_dir)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_import)
+
     return parser
 
 
@@ -148,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     rest = _split_overrides(rest, parser)
-    if rest and args.command not in ("train", "demo"):
+    if rest and args.command not in ("train", "demo", "import"):
         parser.error(f"config overrides are only accepted by train and demo, got {' '.join(rest)}")
     try:
         return int(args.func(args, rest) or 0)

@@ -89,7 +89,7 @@ def phase_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'phase':<15} {'layers':>6} {'tokens':>11} {'loss':>7} {'tokens/s':>10} {'MFU':>6}"
+    head = f"{'phase':<15} {'layers':>6} {'tokens seen':>11} {'loss':>7} {'tokens/s':>10} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         m = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

@@ -246,8 +246,7 @@ class _Runner:
 
     # --- the loop ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg, state = self.cfg, self.state
-        tcfg = cfg.train
+        tcfg = self.cfg.train
         log = MetricsLog(self.out_dir / "metrics.jsonl")
         interrupted = False
         last_ckpt: Path | None = None
@@ -261,9 +260,9 @@ class _Runner:
         pbar = self._progress_bar()
         try:
             with _SigtermFlag() as sigterm:
-                while state.step < self.stop:
-                    if _growth_due(state, self.growth_at):
-                        self._grow(log, window_tokens, window_start)
+                while self.state.step < self.stop:
+                    if _growth_due(self.state, self.growth_at):
+                        self._grow(log)
                         window_loss.zero_()
                         window_bad.zero_()
                         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -275,7 +274,7 @@ class _Runner:
                     window_tokens += self.tokens_per_step
                     if pbar is not None:
                         pbar.update(1)
-                    if state.step % tcfg.log_every == 0 or state.step == self.stop:
+                    if self.state.step % tcfg.log_every == 0 or self.state.step == self.stop:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         elapsed = time.perf_counter() - window_start
@@ -283,11 +282,11 @@ class _Runner:
                         rec["grad_norm"] = float(last_norm)
                         self._emit(log, rec, pbar)
                         n_bad_run = int(consec_bad.item())
-                        state.bad_steps = n_bad_run
+                        self.state.bad_steps = n_bad_run
                         if n_bad_run >= tcfg.max_bad_steps:
                             raise TrainingAborted(
                                 f"{n_bad_run} consecutive non-finite steps (loss or grad norm) up to step "
-                                f"{state.step}; aborting (train.max_bad_steps={tcfg.max_bad_steps}). The last "
+                                f"{self.state.step}; aborting (train.max_bad_steps={tcfg.max_bad_steps}). The last "
                                 f"checkpoint is {last_ckpt or latest_checkpoint(self.out_dir)}"
                             )
                         window_loss.zero_()
@@ -295,22 +294,22 @@ class _Runner:
                         window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
                     elif not self.fused and bool(consec_bad >= tcfg.max_bad_steps):
                         raise TrainingAborted(
-                            f"{int(consec_bad)} consecutive non-finite steps up to step {state.step}; aborting "
+                            f"{int(consec_bad)} consecutive non-finite steps up to step {self.state.step}; aborting "
                             f"(train.max_bad_steps={tcfg.max_bad_steps})"
                         )
-                    if tcfg.eval_every and state.step % tcfg.eval_every == 0:
+                    if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
                         self._eval(log, pbar)
                         window_start = time.perf_counter()  # keep eval time out of tokens/s
-                    if tcfg.ckpt_every and state.step % tcfg.ckpt_every == 0:
+                    if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
                         last_ckpt = self._save()
                         window_start = time.perf_counter()
                     if sigterm.hit:
                         interrupted = True
                         break
-                finished = state.step >= tcfg.max_steps
-                if finished and not interrupted and (not tcfg.eval_every or state.step % tcfg.eval_every):
+                finished = self.state.step >= tcfg.max_steps
+                if finished and not interrupted and (not tcfg.eval_every or self.state.step % tcfg.eval_every):
                     self._eval(log, pbar)
-                if last_ckpt is None or last_ckpt.name != f"step-{state.step:08d}":
+                if last_ckpt is None or last_ckpt.name != f"step-{self.state.step:08d}":
                     last_ckpt = self._save()
         finally:
             if pbar is not None:
@@ -399,13 +398,15 @@ class _Runner:
         self.state.cursor = self.loader.state_dict()
         return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
 
-    def _grow(self, log: MetricsLog, window_tokens: int, window_start: float) -> None:
+    def _grow(self, log: MetricsLog) -> None:
         from fastgrow.grow import apply_growth
 
         before = self.state
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        tps_before = window_tokens / (time.perf_counter() - window_start) if window_tokens else None
+        # Throughput before growth: the last few logged windows (the very first one includes warm-up).
+        recent = [r["tokens_per_s"] for r in self.records if r["kind"] == "train"][1:][-5:]
+        tps_before = sum(recent) / len(recent) if recent else None
         params_before = before.model.num_params()
         layers_before = before.model.cfg.n_layers
         flops_tok_before = self.flops_tok

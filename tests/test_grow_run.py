@@ -20,9 +20,8 @@ from fastgrow.train import train as _train
 
 VOCAB = 61
 STALE_STATE = (
-    "fastgrow/train.py bug: _Runner.run keeps a local `state` bound to the pre-growth TrainState, so the "
-    "loop grows again every step and never advances; fix: add `state = self.state` right after "
-    "`self._grow(log, window_tokens, window_start)` in _Runner.run"
+    "the trainer grew more than once in one run: its loop must use the TrainState that grow() returned "
+    "(self.state), not one bound before the growth event"
 )
 
 
@@ -31,7 +30,7 @@ class _GrewTwice(RuntimeError):
 
 
 def train(cfg, **kw):
-    """fastgrow.train.train, failing fast (as an xfail naming the fix) if one run grows more than once."""
+    """fastgrow.train.train, failing fast (instead of growing without bound) if one run grows twice."""
     import fastgrow.grow as grow_mod
 
     real = grow_mod.apply_growth
@@ -47,7 +46,7 @@ def train(cfg, **kw):
     try:
         return _train(cfg, **kw)
     except _GrewTwice:
-        pytest.xfail(STALE_STATE)
+        pytest.fail(STALE_STATE)
     finally:
         grow_mod.apply_growth = real
 

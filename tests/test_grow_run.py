@@ -209,3 +209,24 @@ def test_grow_command(data_dir, tmp_path, capsys):
     assert args.func(args, []) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["layers"] == 4 and out["params_after"] > out["params_before"]
+
+
+def test_resume_after_growth_in_a_new_process(data_dir, tmp_path, straight):
+    """The same, with the second half in a fresh interpreter (nothing cached in this process helps)."""
+    import subprocess
+    import sys
+
+    cfg = run_cfg(data_dir, tmp_path / "run")
+    train(cfg, echo=False, until_step=5)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    script = (
+        "import json, sys, torch\n"
+        "from fastgrow.config import RunConfig\n"
+        "from fastgrow.train import train\n"
+        "cfg = RunConfig.from_dict(json.loads(open(sys.argv[1]).read()))\n"
+        "st = train(cfg, resume=True, echo=False).state\n"
+        "torch.save({n: p.detach() for n, p in st.model.named_parameters()}, sys.argv[2])\n"
+    )
+    out = tmp_path / "params.pt"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "cfg.json"), str(out)], check=True, timeout=120)
+    assert_bitwise(torch.load(out), params_of(straight.state))

@@ -1,16 +1,412 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32.
+"""RMSNorm and the fused residual-add RMSNorm, forward and backward Triton kernels.
 
-Placeholder: the reference path only; the Triton kernels land with their own issue behind the same API.
+Math, per row x of width N (statistics in fp32 whatever the input dtype):
+
+    rstd = 1 / sqrt(mean(x^2) + eps)          (saved in fp32 for the backward, one float per row)
+    y    = x * rstd * w                       (w optional; y in x.dtype)
+    dx   = rstd * (g - xhat * mean(g * xhat)),   xhat = x * rstd,  g = dy * w
+    dw   = sum over rows of dy * xhat         (fp32 per-program partial sums, then one torch sum)
+
+Fused residual variant (`add_rms_norm`): h = x + residual (rounded to x.dtype, the same value the
+caller receives), y = rms_norm(h). Backward: dh_total = dh + d(norm)/dh, returned for both x and
+residual. A pre-norm block thus reads its two activations once and writes h and y once.
+
+Envelope: x fp32/fp16/bf16; weight the same dtype or fp32 (or None: no affine); residual the same
+dtype and shape as x; row width N <= 65536 on the Triton path (a whole row lives in registers, so x
+is read once); any leading shape. Rows may be strided (row and column strides are passed to the
+kernels; see `_common.as_rows` for when a copy is unavoidable). Weight gradients are deterministic:
+every program owns a fixed contiguous range of rows and writes its own fp32 partial sum, and the
+partials are reduced by `torch.sum` in a fixed order; no atomics, so repeated backward passes are
+bit-identical. Gradients never overwrite grad_output or saved inputs.
+
+torch.compile: the launchers are registered as custom ops (`fastgrow::rms_norm_fwd`, ...), with fake
+(meta) implementations and autograd formulas, so compiled graphs treat them as opaque nodes and do
+not break around the Triton launch.
 """
 
-from __future__ import annotations
-
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
-from ._common import check_float, check_same_device
+from ._common import (
+    as_rows,
+    check_float,
+    check_same_device,
+    check_weight_dtype,
+    device_guard,
+    next_pow2,
+    persistent_programs,
+    use_triton,
+)
+
+MAX_WIDTH = 65536
 
 
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, stride_xm, stride_xn,
+    R, stride_rm, stride_rn,
+    H, Y, W, RSTD,
+    M, N, eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One [ROWS, BLOCK_N] tile per program: the whole row is in registers, so x is read exactly once.
+    # Row offsets are int64 (M * stride can pass 2^31); H and Y are fresh contiguous [M, N] tensors.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
+        # Round h to the storage dtype before taking statistics: the backward recomputes from the
+        # stored h, and the caller's h must be the value that was normalised.
+        h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * N + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    # Masked lanes hold 0, so they add nothing to the sum; divide by the true width N.
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    y = x * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, stride_dym, stride_dyn,
+    X, stride_xm, stride_xn,
+    DH, stride_dhm, stride_dhn,
+    W, RSTD, DX, DW_PART,
+    M, N, rows_per_prog,
+    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Each program owns rows [pid * rows_per_prog, ...) (a multiple of ROWS) and walks them a tile at a
+    # time, keeping its dw contribution in fp32 registers; it writes one partial row at the end. The
+    # fixed row ownership and fixed summation order make dw bit-reproducible without atomics.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    for r0 in range(row_start, row_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = x.to(tl.float32) * rstd[:, None]
+        dy = dy.to(tl.float32)
+        if HAS_W:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        c = tl.sum(g * xhat, axis=1) / N
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :] * stride_dhn, mask=mask, other=0.0)
+            dx = dx + dh.to(tl.float32)
+        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw_acc, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+def _launch_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for width n: a fixed table, no autotuning (reproducible, no warm-up).
+
+    - BLOCK_N: the row padded to a power of two (a whole row per tile; min 16 so a tile is never
+      degenerate).
+    - ROWS: wide rows (>= 4096) get one row per program, already 8-128 KB of traffic each; narrower
+      rows are packed several per program so each program still moves ~4K elements, which amortises
+      the per-program index math, weight load and rstd store.
+    - num_warps: about 16 elements per thread (two 16-byte bf16 vectors per stream in flight, <= ~64
+      fp32 registers per live array), 4..32 warps; 64K-wide rows reach 32 warps x 64 elements.
+    """
+    block_n = max(16, next_pow2(n))
+    rows = 1 if block_n >= 4096 else min(64, 4096 // block_n)
+    num_warps = min(32, max(4, rows * block_n // 512))
+    return block_n, rows, num_warps
+
+
+def _launch_fwd(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if y.numel() == 0:
+        return h, y, rstd
+    x2 = as_rows(x)
+    r2 = as_rows(residual) if residual is not None else x2
+    m = x2.shape[0]
+    block_n, rows, num_warps = _launch_config(n)
+    with device_guard(x):
+        _rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
+            x2, x2.stride(0), x2.stride(1),
+            r2, r2.stride(0), r2.stride(1),
+            h if h is not None else y, y, weight if weight is not None else y, rstd,
+            m, n, eps,
+            HAS_RES=residual is not None, HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return h, y, rstd
+
+
+def _launch_bwd(
+    dy: torch.Tensor,
+    xh: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    dh: torch.Tensor | None,
+    compute_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = xh.shape[-1]
+    compute_dw = compute_dw and weight is not None
+    dx = torch.empty(xh.shape, dtype=xh.dtype, device=xh.device)
+    dw_dtype = weight.dtype if weight is not None else xh.dtype
+    if dx.numel() == 0:
+        dw = torch.zeros(n if compute_dw else 0, dtype=dw_dtype, device=xh.device)
+        return dx, dw
+    dy2, x2 = as_rows(dy), as_rows(xh)
+    dh2 = as_rows(dh) if dh is not None else dy2
+    m = x2.shape[0]
+    block_n, rows, num_warps = _launch_config(n)
+    tiles = triton.cdiv(m, rows)
+    if compute_dw:
+        # Persistent grid: about 16 warps per SM (2 programs of 8 warps, ...) hides load latency while
+        # keeping the fp32 partial buffer (programs x N) small next to the main traffic.
+        progs = min(tiles, persistent_programs(xh.device) * max(1, 16 // num_warps))
+    else:
+        progs = tiles  # no reduction: one tile per program, the widest grid
+    tiles_per_prog = triton.cdiv(tiles, progs)
+    progs = triton.cdiv(tiles, tiles_per_prog)
+    part = torch.empty((progs, n) if compute_dw else (0,), dtype=torch.float32, device=xh.device)
+    with device_guard(xh):
+        _rms_norm_bwd_kernel[(progs,)](
+            dy2, dy2.stride(0), dy2.stride(1),
+            x2, x2.stride(0), x2.stride(1),
+            dh2, dh2.stride(0), dh2.stride(1),
+            weight if weight is not None else dx, rstd, dx, part,
+            m, n, tiles_per_prog * rows,
+            HAS_W=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=compute_dw,
+            ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
+    if compute_dw:
+        dw = part.sum(0).to(dw_dtype)  # second stage: a fixed-order reduction over the partials
+    else:
+        dw = torch.empty(0, dtype=dw_dtype, device=xh.device)
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops + autograd (the torch.compile-visible boundary)
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op(
+    "fastgrow::rms_norm_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
+)
+def _rms_norm_fwd_op(x, weight, eps):
+    _, y, rstd = _launch_fwd(x, None, weight, eps)
+    return y, rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+        x.shape[:-1], dtype=torch.float32
+    )
+
+
+@torch.library.custom_op(
+    "fastgrow::add_rms_norm_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
+)
+def _add_rms_norm_fwd_op(x, residual, weight, eps):
+    return _launch_fwd(x, residual, weight, eps)
+
+
+@_add_rms_norm_fwd_op.register_fake
+def _(x, residual, weight, eps):
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return h, torch.empty_like(h), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "fastgrow::rms_norm_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, bool compute_dw) -> (Tensor, Tensor)",
+)
+def _rms_norm_bwd_op(dy, x, weight, rstd, dh, compute_dw):
+    return _launch_bwd(dy, x, weight, rstd, dh, compute_dw)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, dh, compute_dw):
+    compute_dw = compute_dw and weight is not None
+    dw_dtype = weight.dtype if weight is not None else x.dtype
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return dx, x.new_empty((x.shape[-1] if compute_dw else 0,), dtype=dw_dtype)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _eps = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, dw = torch.ops.fastgrow.rms_norm_bwd(dy, x, weight, rstd, None, need_dw)
+    return dx, (dw if need_dw else None), None
+
+
+_rms_norm_fwd_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    _x, _residual, weight, _eps = inputs
+    h, _y, rstd = output
+    ctx.save_for_backward(h, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _add_rms_norm_backward(ctx, dh, dy, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    dx, dw = torch.ops.fastgrow.rms_norm_bwd(dy, h, weight, rstd, dh, need_dw)
+    # x and residual receive the same gradient; one tensor serves both (autograd never writes into
+    # an incoming gradient that is referenced twice).
+    return dx, dx, (dw if need_dw else None), None
+
+
+_add_rms_norm_fwd_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------------
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None = None) -> None:
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalised one), got a scalar")
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_device(x=x, residual=residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have one shape")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"x ({x.dtype}) and residual ({residual.dtype}) must have one dtype")
+    if weight is not None:
+        check_weight_dtype("weight", weight, x.dtype)
+        check_same_device(x=x, weight=weight)
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},)")
+
+
+def _check_width(n: int) -> None:
+    if n > MAX_WIDTH:
+        raise ValueError(
+            f"the Triton RMSNorm supports rows of at most {MAX_WIDTH} elements, got width {n} "
+            "(use impl='ref' for wider rows)"
+        )
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto"
+) -> torch.Tensor:
+    """RMS-normalise the last dim of `x` and scale by `weight` (None: no affine). Returns x.dtype.
+
+    impl: "auto" (Triton on CUDA, and on CPU under TRITON_INTERPRET=1; else the reference),
+    "triton" or "ref".
+    """
+    _check_inputs(x, weight)
+    if not use_triton(x, impl) or x.numel() == 0:
+        # Empty inputs take the reference path: it returns empty outputs and well-formed (zero) grads.
+        return rms_norm_ref(x, weight, eps)
+    _check_width(x.shape[-1])
+    y, _rstd = torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))
+    return y
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `h = x + residual; y = rms_norm(h, weight, eps)`. Returns (h, y), both differentiable."""
+    _check_inputs(x, weight, residual)
+    if not use_triton(x, impl) or x.numel() == 0:
+        return add_rms_norm_ref(x, residual, weight, eps)
+    _check_width(x.shape[-1])
+    h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
+    return h, y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Drop-in for torch.nn.RMSNorm over the last dim (same state_dict: `weight`, absent without affine)."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        device=None,
+        dtype=None,
+        *,
+        elementwise_affine: bool = True,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.impl = impl
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# fp32 references (test oracle and CPU path)
+# ----------------------------------------------------------------------------------------------------
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """fp32 torch reference; returns x.dtype."""
     xf = x.float()
@@ -26,34 +422,3 @@ def add_rms_norm_ref(
     """h = x + residual (in x.dtype), y = rms_norm(h); returns (h, y)."""
     h = x + residual
     return h, rms_norm_ref(h, weight, eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto") -> torch.Tensor:
-    check_float("x", x)
-    if weight is not None:
-        check_float("weight", weight)
-        check_same_device(x=x, weight=weight)
-        if weight.shape != x.shape[-1:]:
-            raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},)")
-    return rms_norm_ref(x, weight, eps)
-
-
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.shape != residual.shape:
-        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have one shape")
-    h = x + residual
-    return h, rms_norm(h, weight, eps, impl=impl)
-
-
-class RMSNorm(nn.Module):
-    """Drop-in for torch.nn.RMSNorm (same state_dict: `weight`)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)

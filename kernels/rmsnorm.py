@@ -21,7 +21,8 @@ bit-identical. Gradients never overwrite grad_output or saved inputs.
 
 torch.compile: the launchers are registered as custom ops (`fastgrow::rms_norm_fwd`, ...), with fake
 (meta) implementations and autograd formulas, so compiled graphs treat them as opaque nodes and do
-not break around the Triton launch.
+not break around the Triton launch. Eager calls go through an autograd.Function over the same
+launchers instead (less host overhead per call); both paths are tested against each other.
 """
 
 import torch
@@ -87,7 +88,7 @@ def _rms_norm_bwd_kernel(
     DH, stride_dhm, stride_dhn,
     W, RSTD, DX, DW_PART,
     M, N, rows_per_prog,
-    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, RELOAD_W: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Each program owns rows [pid * rows_per_prog, ...) (a multiple of ROWS) and walks them a tile at a
@@ -96,7 +97,9 @@ def _rms_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_W:
+    # Wide rows (RELOAD_W) re-read w each row from L1/L2 instead of pinning it in registers: with x,
+    # dy and the dw accumulator already live, a register-resident w would spill at 8K+ widths.
+    if HAS_W and not RELOAD_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_prog
@@ -111,6 +114,8 @@ def _rms_norm_bwd_kernel(
         xhat = x.to(tl.float32) * rstd[:, None]
         dy = dy.to(tl.float32)
         if HAS_W:
+            if RELOAD_W:
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
             g = dy * w[None, :]
         else:
             g = dy
@@ -129,21 +134,29 @@ def _rms_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _launch_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for width n: a fixed table, no autotuning (reproducible, no warm-up).
+# num_warps by tile size (ROWS * BLOCK_N elements). Forward: ~16 elements per thread (two 16-byte bf16
+# vectors per stream in flight, few registers), up to 32 warps. Backward keeps x, dy and the fp32 dw
+# accumulator live per element, ~3x the registers: 16K-wide rows stay at 16 warps (32 elements/thread,
+# ~128 registers, one program per SM) where 32 warps would cap every thread at 64 registers and spill;
+# at 32K-64K spilling is unavoidable and the widest block wins.
+_FWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 32, 32768: 32, 65536: 32}
+_BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
+
+
+def _launch_config(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, ROWS, fwd num_warps, bwd num_warps) for width n: a fixed table, no autotuning
+    (reproducible, no warm-up, same config on every call).
 
     - BLOCK_N: the row padded to a power of two (a whole row per tile; min 16 so a tile is never
       degenerate).
     - ROWS: wide rows (>= 4096) get one row per program, already 8-128 KB of traffic each; narrower
       rows are packed several per program so each program still moves ~4K elements, which amortises
       the per-program index math, weight load and rstd store.
-    - num_warps: about 16 elements per thread (two 16-byte bf16 vectors per stream in flight, <= ~64
-      fp32 registers per live array), 4..32 warps; 64K-wide rows reach 32 warps x 64 elements.
     """
     block_n = max(16, next_pow2(n))
     rows = 1 if block_n >= 4096 else min(64, 4096 // block_n)
-    num_warps = min(32, max(4, rows * block_n // 512))
-    return block_n, rows, num_warps
+    tile = max(2048, rows * block_n)
+    return block_n, rows, _FWD_WARPS[tile], _BWD_WARPS[tile]
 
 
 def _launch_fwd(
@@ -158,7 +171,7 @@ def _launch_fwd(
     x2 = as_rows(x)
     r2 = as_rows(residual) if residual is not None else x2
     m = x2.shape[0]
-    block_n, rows, num_warps = _launch_config(n)
+    block_n, rows, num_warps, _ = _launch_config(n)
     with device_guard(x):
         _rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
             x2, x2.stride(0), x2.stride(1),
@@ -189,11 +202,13 @@ def _launch_bwd(
     dy2, x2 = as_rows(dy), as_rows(xh)
     dh2 = as_rows(dh) if dh is not None else dy2
     m = x2.shape[0]
-    block_n, rows, num_warps = _launch_config(n)
+    block_n, rows, _, num_warps = _launch_config(n)
     tiles = triton.cdiv(m, rows)
     if compute_dw:
-        # Persistent grid: about 16 warps per SM (2 programs of 8 warps, ...) hides load latency while
-        # keeping the fp32 partial buffer (programs x N) small next to the main traffic.
+        # Persistent grid sized to what is resident at once, ~16 warps per SM (4 programs of 4 warps,
+        # 2 of 8, 1 of 16+; the register estimate above allows no more): enough loads in flight to
+        # hide latency, no second wave, and an fp32 partial buffer (programs x N) that stays small
+        # next to the main traffic (~8% at 4096 x 4096, less with more rows).
         progs = min(tiles, persistent_programs(xh.device) * max(1, 16 // num_warps))
     else:
         progs = tiles  # no reduction: one tile per program, the widest grid
@@ -208,7 +223,7 @@ def _launch_bwd(
             weight if weight is not None else dx, rstd, dx, part,
             m, n, tiles_per_prog * rows,
             HAS_W=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=compute_dw,
-            ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+            RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
     if compute_dw:
         dw = part.sum(0).to(dw_dtype)  # second stage: a fixed-order reduction over the partials
@@ -305,6 +320,27 @@ def _add_rms_norm_backward(ctx, dh, dy, _drstd):
 _add_rms_norm_fwd_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """Eager twin of the custom ops above (same launchers). Outside torch.compile it skips the custom-op
+    dispatch and its autograd wrapper, ~10-40 us of Python per call that shows at small shapes when
+    the host, not the GPU, is the bottleneck. Returns y, or (h, y) with a residual."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        h, y, rstd = _launch_fwd(x, residual, weight, eps)
+        ctx.has_residual = h is not None
+        ctx.save_for_backward(h if h is not None else x, weight, rstd)
+        return (h, y) if h is not None else y
+
+    @staticmethod
+    def backward(ctx, *grads):
+        xh, weight, rstd = ctx.saved_tensors
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        dh, dy = grads if ctx.has_residual else (None, grads[0])
+        dx, dw = _launch_bwd(dy, xh, weight, rstd, dh, need_dw)
+        return dx, (dx if ctx.has_residual else None), (dw if need_dw else None), None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------------
@@ -347,8 +383,9 @@ def rms_norm(
         # Empty inputs take the reference path: it returns empty outputs and well-formed (zero) grads.
         return rms_norm_ref(x, weight, eps)
     _check_width(x.shape[-1])
-    y, _rstd = torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))
-    return y
+    if torch.compiler.is_compiling():
+        return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))[0]
+    return _RMSNormFn.apply(x, None, weight, float(eps))
 
 
 def add_rms_norm(
@@ -364,8 +401,10 @@ def add_rms_norm(
     if not use_triton(x, impl) or x.numel() == 0:
         return add_rms_norm_ref(x, residual, weight, eps)
     _check_width(x.shape[-1])
-    h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
-    return h, y
+    if torch.compiler.is_compiling():
+        h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
+        return h, y
+    return _RMSNormFn.apply(x, residual, weight, float(eps))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Envelope: fp32/fp16/bf16; gate and up of one shape, dtype and device; any leadin
 row/column strides are passed to the kernels (see `_common.as_rows` for when a copy is unavoidable).
 
 torch.compile: registered as custom ops (`fastgrow::swiglu_fwd`, `fastgrow::swiglu_packed_fwd` and
-their backward ops) with fake implementations and autograd formulas.
+their backward ops) with fake implementations and autograd formulas. Eager calls go through an
+autograd.Function over the same launchers (less host overhead per call).
 """
 
 import torch
@@ -226,6 +227,30 @@ _swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 _swiglu_packed_fwd_op.register_autograd(_swiglu_packed_backward, setup_context=_swiglu_setup)
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """Eager twin of the custom ops above (same launchers, without the custom-op dispatch overhead).
+    `up=None`: packed input, and the gradient is one packed tensor."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.packed = up is None
+        ctx.save_for_backward(gate, up)
+        return _launch_fwd(*_halves(gate)) if up is None else _launch_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        if ctx.packed:
+            dx = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+            dg, du = _halves(dx)
+            _launch_bwd(dout, *_halves(gate), as_rows(dg), as_rows(du))
+            return dx, None
+        dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        _launch_bwd(dout, gate, up, as_rows(dg), as_rows(du))
+        return dg, du
+
+
 # ----------------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------------
@@ -254,6 +279,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, impl: str = "a
     _check_inputs(gate, up)
     if not use_triton(gate, impl) or gate.numel() == 0:
         return swiglu_ref(gate, up)
+    if not torch.compiler.is_compiling():
+        return _SwiGLUFn.apply(gate, up)
     if up is None:
         return torch.ops.fastgrow.swiglu_packed_fwd(gate)
     return torch.ops.fastgrow.swiglu_fwd(gate, up)

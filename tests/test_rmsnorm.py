@@ -71,6 +71,7 @@ CASES = [
     (199, 1000, torch.float32, "same", "contig", "contig"),
     (1, 3000, torch.bfloat16, "same", "contig", "contig"),
     (7, 3000, torch.float16, None, "colstride", "rowpad"),
+    (3, 9000, torch.float32, "same", "contig", "contig"),  # >= 8192: w re-read per row in the backward
 ]
 
 
@@ -264,6 +265,30 @@ def test_torch_compile_matches_eager():
     assert torch.equal(out_c, out_e)
     for a, b in zip(grads_c, grads_e):
         assert torch.equal(a, b)
+
+
+def test_max_width_row():
+    x = torch.randn(2, MAX_WIDTH, requires_grad=True)
+    w = torch.randn(MAX_WIDTH, requires_grad=True)
+    g = torch.randn(2, MAX_WIDTH)
+    (y,), (dx, dw) = grads(lambda a, b: rms_norm(a, b, EPS, impl="triton"), [x, w], [g])
+    (y32,), (dx32, dw32) = grads(ref32_fn, [x, w], [g])
+    for name, a, b in (("y", y, y32), ("dx", dx, dx32), ("dw", dw, dw32)):
+        assert_rule(name, a, b, b, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "op, args",
+    [
+        ("rms_norm_fwd", lambda: (torch.randn(3, 5, 33), torch.randn(33), 1e-6)),
+        ("rms_norm_fwd", lambda: (torch.randn(4, 33), None, 1e-5)),
+        ("add_rms_norm_fwd", lambda: (torch.randn(4, 33), torch.randn(4, 33), torch.randn(33), 1e-6)),
+    ],
+)
+def test_custom_op_registration(op, args):
+    # Schema, fake (meta) kernel, autograd registration and AOT dispatch of the compile-facing ops.
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args()]
+    torch.library.opcheck(getattr(torch.ops.fastgrow, op).default, tuple(args))
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,19 @@ def test_torch_compile_matches_eager():
 
 
 @pytest.mark.parametrize(
+    "op, args",
+    [
+        ("swiglu_fwd", lambda: (torch.randn(3, 5, 33), torch.randn(3, 5, 33))),
+        ("swiglu_packed_fwd", lambda: (torch.randn(4, 66)[:, 1:-1],)),
+    ],
+)
+def test_custom_op_registration(op, args):
+    # Schema, fake (meta) kernel, autograd registration and AOT dispatch of the compile-facing ops.
+    args = tuple(a.requires_grad_() for a in args())
+    torch.library.opcheck(getattr(torch.ops.fastgrow, op).default, args)
+
+
+@pytest.mark.parametrize(
     "bad, match",
     [
         (lambda: swiglu(torch.randn(2, 4).double()), "float32, float16 or bfloat16"),

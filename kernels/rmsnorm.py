@@ -214,7 +214,7 @@ def _launch_bwd(
         progs = tiles  # no reduction: one tile per program, the widest grid
     tiles_per_prog = triton.cdiv(tiles, progs)
     progs = triton.cdiv(tiles, tiles_per_prog)
-    part = torch.empty((progs, n) if compute_dw else (0,), dtype=torch.float32, device=xh.device)
+    part = torch.empty((progs, n), dtype=torch.float32, device=xh.device) if compute_dw else dx  # dx: unused
     with device_guard(xh):
         _rms_norm_bwd_kernel[(progs,)](
             dy2, dy2.stride(0), dy2.stride(1),

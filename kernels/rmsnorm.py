@@ -7,12 +7,13 @@ Math, per row x of width N (statistics in fp32 whatever the input dtype):
     dx   = rstd * (g - xhat * mean(g * xhat)),   xhat = x * rstd,  g = dy * w
     dw   = sum over rows of dy * xhat         (fp32 per-program partial sums, then one torch sum)
 
-Fused residual variant (`add_rms_norm`): h = x + residual (rounded to x.dtype, the same value the
+Fused residual variant (`add_rms_norm`): h = x + residual (rounded to its dtype, the same value the
 caller receives), y = rms_norm(h). Backward: dh_total = dh + d(norm)/dh, returned for both x and
 residual. A pre-norm block thus reads its two activations once and writes h and y once.
 
-Envelope: x fp32/fp16/bf16; weight the same dtype or fp32 (or None: no affine); residual the same
-dtype and shape as x; row width N <= 65536 on the Triton path (a whole row lives in registers, so x
+Envelope: x fp32/fp16/bf16; weight the output's dtype or fp32 (or None: no affine); residual of x's
+shape, any float dtype (h and y take torch's promoted dtype, so under autocast a bf16 block output
+added to an fp32 residual stream gives fp32 h and y, as the reference does); row width N <= 65536 on the Triton path (a whole row lives in registers, so x
 is read once); any leading shape. Rows may be strided (row and column strides are passed to the
 kernels; see `_common.as_rows` for when a copy is unavoidable). Weight gradients are deterministic:
 every program owns a fixed contiguous range of rows and writes its own fp32 partial sum, and the
@@ -86,9 +87,10 @@ def _rms_norm_bwd_kernel(
     DY, stride_dym, stride_dyn,
     X, stride_xm, stride_xn,
     DH, stride_dhm, stride_dhn,
-    W, RSTD, DX, DW_PART,
+    W, RSTD, DX, DR, DW_PART,
     M, N, rows_per_prog,
-    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, RELOAD_W: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    RELOAD_W: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Each program owns rows [pid * rows_per_prog, ...) (a multiple of ROWS) and walks them a tile at a
@@ -125,6 +127,8 @@ def _rms_norm_bwd_kernel(
             dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :] * stride_dhn, mask=mask, other=0.0)
             dx = dx + dh.to(tl.float32)
         tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DR:  # fused residual with x and residual of two dtypes: each gets its own copy
+            tl.store(DR + rows[:, None] * N + cols[None, :], dx.to(DR.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += tl.sum(dy * xhat, axis=0)
     if COMPUTE_DW:
@@ -159,12 +163,19 @@ def _launch_config(n: int) -> tuple[int, int, int, int]:
     return block_n, rows, _FWD_WARPS[tile], _BWD_WARPS[tile]
 
 
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    # h = x + residual follows torch's type promotion (autocast: a bf16 block output added to an fp32
+    # residual stream gives an fp32 h), and y has h's dtype, exactly as the reference does.
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _launch_fwd(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    out_dtype = _out_dtype(x, residual)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=out_dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if y.numel() == 0:
         return h, y, rstd
@@ -191,14 +202,22 @@ def _launch_bwd(
     rstd: torch.Tensor,
     dh: torch.Tensor | None,
     compute_dw: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dx_dtype: torch.dtype,
+    dr_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Returns (dx in dx_dtype, dr in dr_dtype or None, dw in weight's dtype or an empty tensor).
+
+    xh is the normalised input (x, or h for the fused residual); dh the gradient reaching h directly.
+    dr is the same gradient as dx stored a second time, for a residual whose dtype differs from x's.
+    """
     n = xh.shape[-1]
     compute_dw = compute_dw and weight is not None
-    dx = torch.empty(xh.shape, dtype=xh.dtype, device=xh.device)
+    dx = torch.empty(xh.shape, dtype=dx_dtype, device=xh.device)
+    dr = torch.empty(xh.shape, dtype=dr_dtype, device=xh.device) if dr_dtype is not None else None
     dw_dtype = weight.dtype if weight is not None else xh.dtype
     if dx.numel() == 0:
         dw = torch.zeros(n if compute_dw else 0, dtype=dw_dtype, device=xh.device)
-        return dx, dw
+        return dx, dr, dw
     dy2, x2 = as_rows(dy), as_rows(xh)
     dh2 = as_rows(dh) if dh is not None else dy2
     m = x2.shape[0]
@@ -220,16 +239,16 @@ def _launch_bwd(
             dy2, dy2.stride(0), dy2.stride(1),
             x2, x2.stride(0), x2.stride(1),
             dh2, dh2.stride(0), dh2.stride(1),
-            weight if weight is not None else dx, rstd, dx, part,
+            weight if weight is not None else dx, rstd, dx, dr if dr is not None else dx, part,
             m, n, tiles_per_prog * rows,
-            HAS_W=weight is not None, HAS_DH=dh is not None, COMPUTE_DW=compute_dw,
-            RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+            HAS_W=weight is not None, HAS_DH=dh is not None, HAS_DR=dr is not None,
+            COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
     if compute_dw:
         dw = part.sum(0).to(dw_dtype)  # second stage: a fixed-order reduction over the partials
     else:
         dw = torch.empty(0, dtype=dw_dtype, device=xh.device)
-    return dx, dw
+    return dx, dr, dw
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,9 +266,8 @@ def _rms_norm_fwd_op(x, weight, eps):
 
 @_rms_norm_fwd_op.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        x.shape[:-1], dtype=torch.float32
-    )
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(
@@ -263,25 +281,28 @@ def _add_rms_norm_fwd_op(x, residual, weight, eps):
 
 @_add_rms_norm_fwd_op.register_fake
 def _(x, residual, weight, eps):
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, dtype=_out_dtype(x, residual), memory_format=torch.contiguous_format)
     return h, torch.empty_like(h), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(
     "fastgrow::rms_norm_bwd",
     mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, bool compute_dw) -> (Tensor, Tensor)",
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, bool compute_dw, "
+    "ScalarType dx_dtype, ScalarType? dr_dtype) -> (Tensor, Tensor, Tensor)",
 )
-def _rms_norm_bwd_op(dy, x, weight, rstd, dh, compute_dw):
-    return _launch_bwd(dy, x, weight, rstd, dh, compute_dw)
+def _rms_norm_bwd_op(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype):
+    dx, dr, dw = _launch_bwd(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype)
+    return dx, (dr if dr is not None else x.new_empty(0)), dw  # ops cannot return None
 
 
 @_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, rstd, dh, compute_dw):
+def _(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype):
     compute_dw = compute_dw and weight is not None
     dw_dtype = weight.dtype if weight is not None else x.dtype
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return dx, x.new_empty((x.shape[-1] if compute_dw else 0,), dtype=dw_dtype)
+    dx = torch.empty_like(x, dtype=dx_dtype, memory_format=torch.contiguous_format)
+    dr = torch.empty_like(dx, dtype=dr_dtype) if dr_dtype is not None else x.new_empty(0)
+    return dx, dr, x.new_empty((x.shape[-1] if compute_dw else 0,), dtype=dw_dtype)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -294,27 +315,33 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[1]
-    dx, dw = torch.ops.fastgrow.rms_norm_bwd(dy, x, weight, rstd, None, need_dw)
+    dx, _, dw = torch.ops.fastgrow.rms_norm_bwd(dy, x, weight, rstd, None, need_dw, x.dtype, None)
     return dx, (dw if need_dw else None), None
 
 
 _rms_norm_fwd_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
+def _grad_dtypes(x_dtype: torch.dtype, r_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    # x and residual receive the same gradient. One dtype: one tensor serves both (autograd never
+    # writes into a gradient it hands to two inputs). Two dtypes: the kernel stores it twice.
+    return x_dtype, (None if r_dtype == x_dtype else r_dtype)
+
+
 def _add_rms_norm_setup(ctx, inputs, output):
-    _x, _residual, weight, _eps = inputs
+    x, residual, weight, _eps = inputs
     h, _y, rstd = output
     ctx.save_for_backward(h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
+    ctx.grad_dtypes = _grad_dtypes(x.dtype, residual.dtype)
 
 
 def _add_rms_norm_backward(ctx, dh, dy, _drstd):
     h, weight, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[2]
-    dx, dw = torch.ops.fastgrow.rms_norm_bwd(dy, h, weight, rstd, dh, need_dw)
-    # x and residual receive the same gradient; one tensor serves both (autograd never writes into
-    # an incoming gradient that is referenced twice).
-    return dx, dx, (dw if need_dw else None), None
+    dx_dtype, dr_dtype = ctx.grad_dtypes
+    dx, dr, dw = torch.ops.fastgrow.rms_norm_bwd(dy, h, weight, rstd, dh, need_dw, dx_dtype, dr_dtype)
+    return dx, (dr if dr_dtype is not None else dx), (dw if need_dw else None), None
 
 
 _add_rms_norm_fwd_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
@@ -329,6 +356,7 @@ class _RMSNormFn(torch.autograd.Function):
     def forward(ctx, x, residual, weight, eps):
         h, y, rstd = _launch_fwd(x, residual, weight, eps)
         ctx.has_residual = h is not None
+        ctx.grad_dtypes = _grad_dtypes(x.dtype, residual.dtype) if h is not None else (x.dtype, None)
         ctx.save_for_backward(h if h is not None else x, weight, rstd)
         return (h, y) if h is not None else y
 
@@ -337,8 +365,9 @@ class _RMSNormFn(torch.autograd.Function):
         xh, weight, rstd = ctx.saved_tensors
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dh, dy = grads if ctx.has_residual else (None, grads[0])
-        dx, dw = _launch_bwd(dy, xh, weight, rstd, dh, need_dw)
-        return dx, (dx if ctx.has_residual else None), (dw if need_dw else None), None
+        dx, dr, dw = _launch_bwd(dy, xh, weight, rstd, dh, need_dw, *ctx.grad_dtypes)
+        dres = (dr if dr is not None else dx) if ctx.has_residual else None
+        return dx, dres, (dw if need_dw else None), None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,10 +382,8 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.
         check_same_device(x=x, residual=residual)
         if residual.shape != x.shape:
             raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have one shape")
-        if residual.dtype != x.dtype:
-            raise ValueError(f"x ({x.dtype}) and residual ({residual.dtype}) must have one dtype")
     if weight is not None:
-        check_weight_dtype("weight", weight, x.dtype)
+        check_weight_dtype("weight", weight, _out_dtype(x, residual))
         check_same_device(x=x, weight=weight)
         if weight.shape != x.shape[-1:]:
             raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},)")
@@ -396,7 +423,10 @@ def add_rms_norm(
     *,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused `h = x + residual; y = rms_norm(h, weight, eps)`. Returns (h, y), both differentiable."""
+    """Fused `h = x + residual; y = rms_norm(h, weight, eps)`. Returns (h, y), both differentiable.
+
+    h and y have the promoted dtype of x and residual (torch's rule for `x + residual`).
+    """
     _check_inputs(x, weight, residual)
     if not use_triton(x, impl) or x.numel() == 0:
         return add_rms_norm_ref(x, residual, weight, eps)
@@ -458,6 +488,6 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 def add_rms_norm_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (in x.dtype), y = rms_norm(h); returns (h, y)."""
+    """h = x + residual (torch's promoted dtype), y = rms_norm(h) in h's dtype; returns (h, y)."""
     h = x + residual
     return h, rms_norm_ref(h, weight, eps)

@@ -111,22 +111,33 @@ def test_rms_norm_matches_reference(case):
 
 
 # (rows, width, dtype, weight kind, which outputs feed the loss)
+# (rows, width, x dtype, residual dtype (None: x's), weight kind, which outputs feed the loss)
 ADD_CASES = [
-    (0, 129, torch.float32, "same", "both"),
-    (1, 7, torch.float16, "fp32", "both"),
-    (199, 127, torch.float32, "same", "both"),
-    (7, 1000, torch.bfloat16, "same", "both"),
-    (7, 129, torch.float16, None, "y"),
-    (199, 7, torch.bfloat16, "same", "h"),
-    (7, 3000, torch.float32, "fp32", "both"),
+    (0, 129, torch.float32, None, "same", "both"),
+    (1, 7, torch.float16, None, "fp32", "both"),
+    (199, 127, torch.float32, None, "same", "both"),
+    (7, 1000, torch.bfloat16, None, "same", "both"),
+    (7, 129, torch.float16, None, None, "y"),
+    (199, 7, torch.bfloat16, None, "same", "h"),
+    (7, 3000, torch.float32, None, "fp32", "both"),
+    # autocast: bf16 block output + fp32 residual stream -> fp32 h and y, grads in each input's dtype
+    (7, 129, torch.bfloat16, torch.float32, "fp32", "both"),
+    (1, 1000, torch.float16, torch.bfloat16, "fp32", "both"),  # promotes to fp32 as well
 ]
 
 
-@pytest.mark.parametrize("case", ADD_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{str(c[2])[6:]}-w{c[3]}-{c[4]}")
+def _add_id(c):
+    r = f"+{str(c[3])[6:]}" if c[3] else ""
+    return f"{c[0]}x{c[1]}-{str(c[2])[6:]}{r}-w{c[4]}-{c[5]}"
+
+
+@pytest.mark.parametrize("case", ADD_CASES, ids=_add_id)
 def test_add_rms_norm_matches_reference(case):
-    m, n, dtype, wkind, use = case
-    x = make_input((2, m, n), dtype, "rowpad").requires_grad_(True)  # 3-D, strided rows
-    r = make_input((2, m, n), dtype, "contig").requires_grad_(True)
+    m, n, xdtype, rdtype, wkind, use = case
+    rdtype = rdtype or xdtype
+    dtype = torch.promote_types(xdtype, rdtype)  # h and y
+    x = make_input((2, m, n), xdtype, "rowpad").requires_grad_(True)  # 3-D, strided rows
+    r = make_input((2, m, n), rdtype, "contig").requires_grad_(True)
     w = _weight(n, dtype, wkind)
     gh, gy = torch.randn(2, m, n, dtype=dtype), make_input((2, m, n), dtype, "transposed")
 
@@ -145,7 +156,7 @@ def test_add_rms_norm_matches_reference(case):
         return add_rms_norm(a, b, c, EPS, impl="triton")
 
     def ref32(a, b, c):
-        # h is rounded to the input dtype (the value the kernel normalises), then everything in fp32.
+        # h is rounded to its dtype (the value the kernel normalises), then everything in fp32.
         h = (a.float() + b.float()).to(dtype).float()
         return h, rms_norm_ref(h, c.float() if c is not None else None, EPS)
 
@@ -163,9 +174,11 @@ def test_add_rms_norm_matches_reference(case):
     _, (dx, dr, dw) = grads(lambda *a: loss_of(ours)(*a), [x, r, w], [torch.tensor(1.0)])
     _, (dx32, dr32, dw32) = grads(lambda *a: loss_of(ref32)(*a), [x, r, w], [torch.tensor(1.0)])
     _, (dxlp, drlp, dwlp) = grads(lambda *a: loss_of(lowp)(*a), [x, r, w], [torch.tensor(1.0)])
-    assert_rule("dx", dx, dx32, dxlp, dtype)
-    assert_rule("dresidual", dr, dr32, drlp, dtype)
-    assert torch.equal(dx, dr)
+    assert dx.dtype == xdtype and dr.dtype == rdtype
+    assert_rule("dx", dx, dx32, dxlp, xdtype)
+    assert_rule("dresidual", dr, dr32, drlp, rdtype)
+    if xdtype == rdtype:
+        assert torch.equal(dx, dr)
     if w is not None and use == "h":  # y unused: torch leaves dw None, ours computes exact zeros
         assert dw is None or not dw.any()
     elif w is not None:
@@ -226,6 +239,19 @@ def test_empty_inputs():
         assert y.shape == shape and h.shape == shape and y2.shape == shape
         (y.sum() + y2.sum()).backward()
         assert x.grad.shape == shape and torch.equal(w.grad, torch.zeros(64))
+
+
+def test_one_dim_and_non_collapsible_inputs():
+    # 1-D input (one row), and [seq, batch, dim] from a transpose, whose rows one stride cannot describe
+    # (the launcher falls back to a copy); expanded (stride-0) upstream gradients from .sum().
+    w = torch.randn(33, requires_grad=True)
+    for x in (torch.randn(33), torch.randn(5, 3, 33).transpose(0, 1)):
+        x.requires_grad_(True)
+        (y,), (dx, dw) = grads(lambda a, b: rms_norm(a, b, EPS, impl="triton"), [x, w], [torch.ones(x.shape)])
+        (y32,), (dx32, dw32) = grads(ref32_fn, [x, w], [torch.ones(x.shape)])
+        for name, a, b in (("y", y, y32), ("dx", dx, dx32), ("dw", dw, dw32)):
+            assert_rule(name, a, b, b, torch.float32)
+        rms_norm(x, w, impl="triton").sum().backward()
 
 
 def test_impl_ref_and_auto_paths():
@@ -306,7 +332,12 @@ def test_custom_op_registration(op, args):
         (lambda: rms_norm(torch.randn(1, MAX_WIDTH + 1), None, impl="triton"), "at most 65536"),
         (lambda: rms_norm(torch.randn(2, 4), None, impl="cuda"), "impl must be"),
         (lambda: add_rms_norm(torch.randn(2, 4), torch.randn(2, 5), None), "residual"),
-        (lambda: add_rms_norm(torch.randn(2, 4), torch.randn(2, 4).half(), None), "one dtype"),
+        (
+            lambda: add_rms_norm(
+                torch.randn(2, 4).half(), torch.randn(2, 4).half(), torch.randn(4).bfloat16()
+            ),
+            "weight",
+        ),
         (lambda: add_rms_norm(torch.randn(2, 4), torch.randn(2, 4, device="meta"), None), "one device"),
     ],
 )

@@ -47,7 +47,8 @@ def make_input(shape, dtype, layout):
 
 def grads(fn, inputs, upstream):
     """Run fn(*inputs) -> tensor or tuple, backprop `upstream` (same structure), return (outs, grads)."""
-    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    # detach (not clone): a clone of a non-dense view comes back contiguous, losing the layout under test
+    leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
     torch.autograd.backward(outs, upstream)
@@ -239,6 +240,16 @@ def test_empty_inputs():
         assert y.shape == shape and h.shape == shape and y2.shape == shape
         (y.sum() + y2.sum()).backward()
         assert x.grad.shape == shape and torch.equal(w.grad, torch.zeros(64))
+
+
+def test_strided_layouts_reach_the_kernel_without_a_copy():
+    from fastgrow.kernels._common import as_rows
+
+    for layout in ("rowpad", "colstride", "transposed"):
+        x = make_input((2, 7, 33), torch.float32, layout)
+        assert not x.is_contiguous()
+        x2 = as_rows(x)
+        assert x2.shape == (14, 33) and x2.data_ptr() == x.data_ptr() and x2._base is not None
 
 
 def test_one_dim_and_non_collapsible_inputs():

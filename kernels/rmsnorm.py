@@ -3,7 +3,7 @@
 Math, per row x of width N (statistics in fp32 whatever the input dtype):
 
     rstd = 1 / sqrt(mean(x^2) + eps)          (saved in fp32 for the backward, one float per row)
-    y    = x * rstd * w                       (w optional; y in x.dtype)
+    y    = x * rstd * w                       (w optional; y in the input's dtype)
     dx   = rstd * (g - xhat * mean(g * xhat)),   xhat = x * rstd,  g = dy * w
     dw   = sum over rows of dy * xhat         (fp32 per-program partial sums, then one torch sum)
 
@@ -13,8 +13,9 @@ residual. A pre-norm block thus reads its two activations once and writes h and 
 
 Envelope: x fp32/fp16/bf16; weight the output's dtype or fp32 (or None: no affine); residual of x's
 shape, any float dtype (h and y take torch's promoted dtype, so under autocast a bf16 block output
-added to an fp32 residual stream gives fp32 h and y, as the reference does); row width N <= 65536 on the Triton path (a whole row lives in registers, so x
-is read once); any leading shape. Rows may be strided (row and column strides are passed to the
+added to an fp32 residual stream gives fp32 h and y, as the reference does); row width N <= 65536
+on the Triton path (a whole row lives in registers, so x is read once; the backward spills registers
+beyond 16K and is correct but slower there); any leading shape. Rows may be strided (row and column strides are passed to the
 kernels; see `_common.as_rows` for when a copy is unavoidable). Weight gradients are deterministic:
 every program owns a fixed contiguous range of rows and writes its own fp32 partial sum, and the
 partials are reduced by `torch.sum` in a fixed order; no atomics, so repeated backward passes are
@@ -139,10 +140,11 @@ def _rms_norm_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 # num_warps by tile size (ROWS * BLOCK_N elements). Forward: ~16 elements per thread (two 16-byte bf16
-# vectors per stream in flight, few registers), up to 32 warps. Backward keeps x, dy and the fp32 dw
-# accumulator live per element, ~3x the registers: 16K-wide rows stay at 16 warps (32 elements/thread,
-# ~128 registers, one program per SM) where 32 warps would cap every thread at 64 registers and spill;
-# at 32K-64K spilling is unavoidable and the widest block wins.
+# vectors per stream in flight), up to 32 warps; ptxas (sm_90, Triton 3.9) gives it 32-40 registers.
+# Backward keeps x, dy and the fp32 dw accumulator live per element: 112-124 registers at 1K-8K (so
+# 2 programs of 8 warps or 1 of 16 fit an SM), and 16K-wide rows stay at 16 warps (128 registers, a
+# 64-byte spill) where 32 warps would cap every thread at 64 registers and spill much more; at 32K-64K
+# spilling is unavoidable and the widest block wins. tests/test_norm_kernels_sm90.py checks this.
 _FWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 32, 32768: 32, 65536: 32}
 _BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
 

@@ -86,6 +86,8 @@ def run_bench(benchmark, fn, nbytes: int, **info) -> None:
         _sync()
 
     benchmark.pedantic(target, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
+    if benchmark.disabled:  # plain `pytest bench` (--benchmark-disable): ran once as a smoke test
+        return
     median_s = benchmark.stats.stats.median / INNER
     gbps = nbytes / median_s / 1e9
     if _META is None:

@@ -419,3 +419,20 @@ def test_gpu_torch_compile_inductor():
     (ye,), ge = grads(lambda a, b: rms_norm(a, b) * 2, [x, w], [torch.ones_like(x)])
     assert torch.equal(yc, ye)
     assert torch.equal(gc[0], ge[0]) and torch.equal(gc[1], ge[1])
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    # > 2^31 elements: row offsets must be computed in int64. Check the last rows against the oracle.
+    n = 4096
+    m = 2**31 // n + 64
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = rms_norm(x, w, EPS)
+    g = torch.randn_like(y)
+    y.backward(g)
+    tail = slice(m - 64, m)
+    (y32,), (dx32, _) = grads(ref32_fn, [x[tail].detach(), w], [g[tail].float()])
+    (ylp,), (dxlp, _) = grads(naive_lowp, [x[tail].detach(), w], [g[tail]])
+    assert_rule("y tail", y[tail], y32, ylp, torch.bfloat16)
+    assert_rule("dx tail", x.grad[tail], dx32, dxlp, torch.bfloat16)

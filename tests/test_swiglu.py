@@ -239,3 +239,19 @@ def test_gpu_torch_compile_inductor():
         lambda a: swiglu(a) * 2, [x], torch.ones(4, 256, 2816, device="cuda", dtype=torch.bfloat16)
     )
     assert torch.equal(yc, ye) and torch.equal(gc[0], ge[0])
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    # > 2^31 elements in the packed input: offsets in int64. Check the last rows against the oracle.
+    f = 4096
+    m = 2**31 // (2 * f) + 64
+    x = torch.randn(m, 2 * f, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = swiglu(x)
+    gout = torch.randn_like(out)
+    out.backward(gout)
+    tail = slice(m - 64, m)
+    y32, (dx32,) = grads(lambda a: swiglu_ref(a.float()), [x[tail]], gout[tail].float())
+    ylp, (dxlp,) = grads(lambda a: lowp_split(*a.chunk(2, dim=-1)), [x[tail]], gout[tail])
+    assert_rule("out tail", out[tail], y32, ylp, torch.bfloat16)
+    assert_rule("dx tail", x.grad[tail], dx32, dxlp, torch.bfloat16)

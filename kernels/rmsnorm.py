@@ -27,6 +27,8 @@ not break around the Triton launch. Eager calls go through an autograd.Function 
 launchers instead (less host overhead per call); both paths are tested against each other.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,7 @@ from torch import nn
 
 from ._common import (
     as_rows,
+    cdiv,
     check_float,
     check_same_device,
     check_weight_dtype,
@@ -149,6 +152,7 @@ _FWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 32, 32768: 32, 65536: 32}
 _BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
 
 
+@functools.cache
 def _launch_config(n: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, ROWS, fwd num_warps, bwd num_warps) for width n: a fixed table, no autotuning
     (reproducible, no warm-up, same config on every call).
@@ -186,7 +190,7 @@ def _launch_fwd(
     m = x2.shape[0]
     block_n, rows, num_warps, _ = _launch_config(n)
     with device_guard(x):
-        _rms_norm_fwd_kernel[(triton.cdiv(m, rows),)](
+        _rms_norm_fwd_kernel[(cdiv(m, rows),)](
             x2, x2.stride(0), x2.stride(1),
             r2, r2.stride(0), r2.stride(1),
             h if h is not None else y, y, weight if weight is not None else y, rstd,
@@ -224,7 +228,7 @@ def _launch_bwd(
     dh2 = as_rows(dh) if dh is not None else dy2
     m = x2.shape[0]
     block_n, rows, _, num_warps = _launch_config(n)
-    tiles = triton.cdiv(m, rows)
+    tiles = cdiv(m, rows)
     if compute_dw:
         # Persistent grid sized to what is resident at once, ~16 warps per SM (4 programs of 4 warps,
         # 2 of 8, 1 of 16+; the register estimate above allows no more): enough loads in flight to
@@ -233,8 +237,8 @@ def _launch_bwd(
         progs = min(tiles, persistent_programs(xh.device) * max(1, 16 // num_warps))
     else:
         progs = tiles  # no reduction: one tile per program, the widest grid
-    tiles_per_prog = triton.cdiv(tiles, progs)
-    progs = triton.cdiv(tiles, tiles_per_prog)
+    tiles_per_prog = cdiv(tiles, progs)
+    progs = cdiv(tiles, tiles_per_prog)
     part = torch.empty((progs, n), dtype=torch.float32, device=xh.device) if compute_dw else dx  # dx: unused
     with device_guard(xh):
         _rms_norm_bwd_kernel[(progs,)](
@@ -391,6 +395,10 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.
             raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},)")
 
 
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _check_width(n: int) -> None:
     if n > MAX_WIDTH:
         raise ValueError(
@@ -414,7 +422,9 @@ def rms_norm(
     _check_width(x.shape[-1])
     if torch.compiler.is_compiling():
         return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))[0]
-    return _RMSNormFn.apply(x, None, weight, float(eps))
+    if _needs_autograd(x, weight):
+        return _RMSNormFn.apply(x, None, weight, float(eps))
+    return _launch_fwd(x, None, weight, float(eps))[1]  # inference: no autograd node, no saved tensors
 
 
 def add_rms_norm(
@@ -436,7 +446,10 @@ def add_rms_norm(
     if torch.compiler.is_compiling():
         h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
         return h, y
-    return _RMSNormFn.apply(x, residual, weight, float(eps))
+    if _needs_autograd(x, residual, weight):
+        return _RMSNormFn.apply(x, residual, weight, float(eps))
+    h, y, _rstd = _launch_fwd(x, residual, weight, float(eps))
+    return h, y
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,12 +20,14 @@ their backward ops) with fake implementations and autograd formulas. Eager calls
 autograd.Function over the same launchers (less host overhead per call).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch import nn
 
-from ._common import as_rows, check_float, check_same_device, device_guard, next_pow2, use_triton
+from ._common import as_rows, cdiv, check_float, check_same_device, device_guard, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,6 +95,7 @@ _TILE = 4096
 _NUM_WARPS = 8
 
 
+@functools.cache
 def _launch_config(f: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_F) from a fixed table.
 
@@ -104,7 +107,7 @@ def _launch_config(f: int) -> tuple[int, int]:
     if block_f > 1024:
         block_f = 128
         for cand in (1024, 512, 256):
-            if triton.cdiv(f, cand) * cand * 16 <= f * 17:
+            if cdiv(f, cand) * cand * 16 <= f * 17:
                 block_f = cand
                 break
     return max(1, _TILE // block_f), block_f
@@ -117,7 +120,7 @@ def _launch_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g2, u2 = as_rows(gate), as_rows(up)
     m, f = g2.shape
     block_m, block_f = _launch_config(f)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
+    grid = (cdiv(m, block_m), cdiv(f, block_f))
     with device_guard(gate):
         _swiglu_fwd_kernel[grid](
             g2, g2.stride(0), g2.stride(1),
@@ -137,7 +140,7 @@ def _launch_bwd(
     do2, g2, u2 = as_rows(dout), as_rows(gate), as_rows(up)
     m, f = g2.shape
     block_m, block_f = _launch_config(f)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(f, block_f))
+    grid = (cdiv(m, block_m), cdiv(f, block_f))
     with device_guard(gate):
         _swiglu_bwd_kernel[grid](
             do2, do2.stride(0), do2.stride(1),
@@ -284,7 +287,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, impl: str = "a
     if not use_triton(gate, impl) or gate.numel() == 0:
         return swiglu_ref(gate, up)
     if not torch.compiler.is_compiling():
-        return _SwiGLUFn.apply(gate, up)
+        if torch.is_grad_enabled() and (gate.requires_grad or (up is not None and up.requires_grad)):
+            return _SwiGLUFn.apply(gate, up)
+        return _launch_fwd(*_halves(gate)) if up is None else _launch_fwd(gate, up)  # inference
     if up is None:
         return torch.ops.fastgrow.swiglu_packed_fwd(gate)
     return torch.ops.fastgrow.swiglu_fwd(gate, up)

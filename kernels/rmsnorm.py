@@ -92,14 +92,14 @@ def _rms_norm_bwd_kernel(
     X, stride_xm, stride_xn,
     DH, stride_dhm, stride_dhn,
     W, RSTD, DX, DR, DW_PART,
-    M, N, rows_per_prog,
+    M, N, tiles_per_prog,
     HAS_W: tl.constexpr, HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, COMPUTE_DW: tl.constexpr,
     RELOAD_W: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # Each program owns rows [pid * rows_per_prog, ...) (a multiple of ROWS) and walks them a tile at a
-    # time, keeping its dw contribution in fp32 registers; it writes one partial row at the end. The
-    # fixed row ownership and fixed summation order make dw bit-reproducible without atomics.
+    # Each program owns the rows [pid, pid + 1) * tiles_per_prog * ROWS and walks them a tile at a time
+    # (rows past M masked), keeping its dw contribution in fp32 registers; it writes one partial row at
+    # the end. The fixed row ownership and summation order make dw bit-reproducible without atomics.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -108,11 +108,10 @@ def _rms_norm_bwd_kernel(
     if HAS_W and not RELOAD_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row_start = pid.to(tl.int64) * rows_per_prog
-    row_end = tl.minimum(row_start + rows_per_prog, M)
-    for r0 in range(row_start, row_end, ROWS):
-        rows = r0 + tl.arange(0, ROWS)
-        row_mask = rows < row_end
+    row_start = pid.to(tl.int64) * tiles_per_prog * ROWS
+    for t in range(0, tiles_per_prog):
+        rows = row_start + t * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
@@ -246,7 +245,7 @@ def _launch_bwd(
             x2, x2.stride(0), x2.stride(1),
             dh2, dh2.stride(0), dh2.stride(1),
             weight if weight is not None else dx, rstd, dx, dr if dr is not None else dx, part,
-            m, n, tiles_per_prog * rows,
+            m, n, tiles_per_prog,
             HAS_W=weight is not None, HAS_DH=dh is not None, HAS_DR=dr is not None,
             COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip

@@ -76,7 +76,7 @@ def compile_all() -> dict:
         for variant in ("plain", "residual", "autocast"):
             act = "*fp32" if variant == "autocast" else "*bf16"
             types = {k: act for k in ("DY", "X", "DH", "W", "DR")}
-            types.update(DX="*bf16", RSTD="*fp32", DW_PART="*fp32", M="i32", N="i32", rows_per_prog="i32")
+            types.update(DX="*bf16", RSTD="*fp32", DW_PART="*fp32", M="i32", N="i32", tiles_per_prog="i32")
             types.update(stride_dym="i32", stride_xm="i32", stride_dhm="i32")
             consts = dict(stride_dyn=1, stride_xn=1, stride_dhn=1, HAS_W=True, HAS_DH=variant != "plain")
             consts.update(HAS_DR=variant == "autocast", COMPUTE_DW=True, RELOAD_W=block_n >= 8192)

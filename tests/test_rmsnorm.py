@@ -32,7 +32,7 @@ def naive_lowp(x, w, eps=EPS):
 
 
 def make_input(shape, dtype, layout):
-    """A tensor of `shape` laid out as requested, always a view (never a fresh contiguous copy)."""
+    """A tensor of `shape` laid out as requested: a strided view of a larger tensor unless 'contig'."""
     *lead, n = shape
     if layout == "contig":
         return torch.randn(shape, dtype=dtype)
@@ -111,7 +111,6 @@ def test_rms_norm_matches_reference(case):
     assert torch.equal(g, g_before) and torch.equal(x.detach(), x_before)
 
 
-# (rows, width, dtype, weight kind, which outputs feed the loss)
 # (rows, width, x dtype, residual dtype (None: x's), weight kind, which outputs feed the loss)
 ADD_CASES = [
     (0, 129, torch.float32, None, "same", "both"),
@@ -288,20 +287,22 @@ def test_module_state_dict_matches_torch():
     assert RMSNorm(8, dtype=torch.bfloat16).weight.dtype == torch.bfloat16
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])  # bf16: autocast-style mixed dtypes
+def test_torch_compile_matches_eager(xdtype):
+    # Compiled graphs call the custom ops; eager calls the autograd.Function: same numbers, bitwise.
     def f(x, r, w):
         h, y = add_rms_norm(x, r, w, impl="triton")
-        return h.sum() + (rms_norm(y, w, impl="triton") * y).sum()
+        return h.float().sum() + (rms_norm(y, w, impl="triton") * y).float().sum()
 
-    x, r, w = torch.randn(2, 3, 40), torch.randn(2, 3, 40), torch.randn(40)
+    x, r, w = torch.randn(2, 3, 40, dtype=xdtype), torch.randn(2, 3, 40), torch.randn(40)
+    for t in (x, r, w):
+        t.requires_grad_()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    (out_c,), grads_c = grads(
-        lambda *a: compiled(*a), [x.requires_grad_(), r.requires_grad_(), w.requires_grad_()], [None]
-    )
+    (out_c,), grads_c = grads(lambda *a: compiled(*a), [x, r, w], [None])
     (out_e,), grads_e = grads(lambda *a: f(*a), [x, r, w], [None])
     assert torch.equal(out_c, out_e)
-    for a, b in zip(grads_c, grads_e):
-        assert torch.equal(a, b)
+    for a, b, t in zip(grads_c, grads_e, (x, r, w)):
+        assert a.dtype == t.dtype and torch.equal(a, b)
 
 
 def test_max_width_row():

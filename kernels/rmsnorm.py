@@ -5,7 +5,7 @@ Math, per row x of width N (statistics in fp32 whatever the input dtype):
     rstd = 1 / sqrt(mean(x^2) + eps)          (saved in fp32 for the backward, one float per row)
     y    = x * rstd * w                       (w optional; y in the input's dtype)
     dx   = rstd * (g - xhat * mean(g * xhat)),   xhat = x * rstd,  g = dy * w
-    dw   = sum over rows of dy * xhat         (fp32 per-program partial sums, then one torch sum)
+    dw   = sum over rows of dy * xhat         (fp32 per-program partial sums, then a column reduction)
 
 Fused residual variant (`add_rms_norm`): h = x + residual (rounded to its dtype, the same value the
 caller receives), y = rms_norm(h). Backward: dh_total = dh + d(norm)/dh, returned for both x and
@@ -17,8 +17,8 @@ added to an fp32 residual stream gives fp32 h and y, as the reference does); row
 on the Triton path (a whole row lives in registers, so x is read once; the backward spills registers
 beyond 16K and is correct but slower there); any leading shape. Rows may be strided (row and column strides are passed to the
 kernels; see `_common.as_rows` for when a copy is unavoidable). Weight gradients are deterministic:
-every program owns a fixed contiguous range of rows and writes its own fp32 partial sum, and the
-partials are reduced by `torch.sum` in a fixed order; no atomics, so repeated backward passes are
+every program owns a fixed contiguous range of rows and writes its own fp32 partial sum, and a
+second small kernel reduces the partials column-wise in a fixed order; no atomics, so repeated backward passes are
 bit-identical. Gradients never overwrite grad_output or saved inputs.
 
 torch.compile: the launchers are registered as custom ops (`fastgrow::rms_norm_fwd`, ...), with fake
@@ -138,6 +138,21 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw_acc, mask=col_mask)
 
 
+@triton.jit
+def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Second stage of the weight gradient: each program sums one column block of the [P, N] fp32
+    # partials in a fixed order and writes it in the weight's dtype (one launch instead of torch's sum
+    # plus a cast; a [BLOCK_P, BLOCK_C] accumulator keeps several rows' loads in flight).
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.load(PART + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +265,9 @@ def _launch_bwd(
             COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
     if compute_dw:
-        dw = part.sum(0).to(dw_dtype)  # second stage: a fixed-order reduction over the partials
+        dw = torch.empty(n, dtype=dw_dtype, device=xh.device)
+        with device_guard(xh):
+            _dw_sum_kernel[(cdiv(n, 64),)](part, dw, progs, n, BLOCK_P=32, BLOCK_C=64, num_warps=4)
     else:
         dw = torch.empty(0, dtype=dw_dtype, device=xh.device)
     return dx, dr, dw

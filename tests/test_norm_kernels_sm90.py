@@ -86,6 +86,10 @@ def compile_all() -> dict:
             out[f"rms_bwd-{n}-{variant}"] = compile_sm90(
                 R._rms_norm_bwd_kernel, types, consts, bwd_warps, aligned
             )
+    types = {"PART": "*fp32", "DW": "*bf16", "P": "i32", "N": "i32"}
+    out["dw_sum"] = compile_sm90(
+        R._dw_sum_kernel, types, dict(BLOCK_P=32, BLOCK_C=64), 4, ("PART", "DW", "N")
+    )
     for f in FFN_WIDTHS:
         block_m, block_f = S._launch_config(f)
         types = {k: "*bf16" for k in ("G", "U", "O", "DO", "DG", "DU")}
@@ -129,6 +133,10 @@ def test_rms_norm_bwd_compiles_vectorised_without_spills(sm90, n, variant):
     r = sm90[f"rms_bwd-{n}-{variant}"]
     assert r["v4_loads"] >= (2 if variant == "plain" else 3), r
     assert r["stack"] == 0, f"backward spills at width {n}: {r}"
+
+
+def test_dw_reduction_compiles_vectorised_without_spills(sm90):
+    assert sm90["dw_sum"]["v4_loads"] >= 1 and sm90["dw_sum"]["stack"] == 0, sm90["dw_sum"]
 
 
 @pytest.mark.parametrize("f", FFN_WIDTHS)

@@ -305,6 +305,18 @@ def test_torch_compile_matches_eager(xdtype):
         assert a.dtype == t.dtype and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("p, n", [(1, 7), (100, 129)])  # 100 partial rows: several BLOCK_P iterations
+def test_dw_partial_reduction_kernel(p, n):
+    from fastgrow.kernels.rmsnorm import _dw_sum_kernel
+
+    part = torch.randn(p, n)
+    for dtype in (torch.float32, torch.bfloat16):
+        dw = torch.empty(n, dtype=dtype)
+        _dw_sum_kernel[(-(-n // 64),)](part, dw, p, n, BLOCK_P=32, BLOCK_C=64)
+        ref = part.double().sum(0)
+        assert_rule("dw", dw, ref, ref.to(dtype), dtype)
+
+
 def test_max_width_row():
     x = torch.randn(2, MAX_WIDTH, requires_grad=True)
     w = torch.randn(MAX_WIDTH, requires_grad=True)

@@ -49,6 +49,7 @@ RESUME_MUTABLE = {
     "model.kernel_impl",
     "data.data_dir",
     "train.device",
+    "train.max_steps",  # extends/shortens a run: the schedule's horizon follows it (see load_checkpoint)
     "train.compile",
     "train.out_dir",
     "train.log_every",
@@ -350,6 +351,9 @@ def load_checkpoint(
         growth_history=meta["growth_history"],
         bad_steps=meta.get("bad_steps", 0),
     )
+    if state.schedule.total_steps != run_cfg.train.max_steps:
+        # A resume with a new train.max_steps re-targets the decay to the new end of the run.
+        state.schedule.total_steps = run_cfg.train.max_steps
     opt_path = ckpt / "optimizer.safetensors"
     if opt_path.is_file():
         load_optimizer_tensors(state, load_file(str(opt_path), device=str(dev)))

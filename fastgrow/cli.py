@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_import)
 
+    from fastgrow.grow_cli import add_growth_commands
+
+    add_growth_commands(sub)
     return parser
 
 

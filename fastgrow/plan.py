@@ -205,8 +205,9 @@ def auto_growth_tokens(run: RunConfig, target: ModelConfig | None = None, max_fr
     """`growth.at_tokens = "auto"`: Eq. 10 for the run's target, clamped to max_fraction of the budget.
 
     The run's token budget is train.max_steps * batch_size * seq_len * grad_accum; N is the target's
-    total parameter count. target: the grown architecture (default: what run.growth makes of run.model). For runs far below the paper's compute range Eq. 10 asks for more tokens
-    than the run has; then the growth happens at max_fraction of the budget.
+    total parameter count; target is the grown architecture (default: what run.growth makes of
+    run.model). For runs far below the paper's compute range Eq. 10 asks for more tokens than the run
+    has; then the growth happens at max_fraction of the budget.
     """
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -42,3 +43,52 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors must be on one device, got {devices}")
+
+
+def check_weight_dtype(name: str, weight: torch.Tensor, x_dtype: torch.dtype) -> None:
+    """A weight must have the activation dtype or be fp32 (master weights kept in fp32)."""
+    check_float(name, weight)
+    if weight.dtype not in (x_dtype, torch.float32):
+        raise ValueError(f"{name} must be {x_dtype} (like the input) or float32, got {weight.dtype}")
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceil division on Python ints (triton.cdiv goes through Triton's JIT-function call path, ~5 us)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View `t` as 2-D [rows, last_dim] for a kernel that takes row/column strides.
+
+    `reshape` returns a view whenever the leading dims collapse into one stride (contiguous tensors,
+    slices of the last dim such as the halves of a packed gate/up output, strided row selections) and
+    copies only when they cannot (e.g. a transposed batch/sequence), which a single row stride cannot
+    describe. The last-dim stride is kept, so column-strided views need no copy either.
+    """
+    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def persistent_programs(device: torch.device) -> int:
+    """How many programs a persistent (grid-stride) kernel launches per "wave".
+
+    CUDA: the SM count of the device (cached; the query costs microseconds). CPU interpreter: a fixed
+    small number, so the partial-sum layout, and with it every result, is the same run to run.
+    """
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def device_guard(t: torch.Tensor):
+    """Make `t`'s GPU the current one while launching (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -1,16 +1,510 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32.
+"""RMSNorm and the fused residual-add RMSNorm, forward and backward Triton kernels.
 
-Placeholder: the reference path only; the Triton kernels land with their own issue behind the same API.
+Math, per row x of width N (statistics in fp32 whatever the input dtype):
+
+    rstd = 1 / sqrt(mean(x^2) + eps)          (saved in fp32 for the backward, one float per row)
+    y    = x * rstd * w                       (w optional; y in the input's dtype)
+    dx   = rstd * (g - xhat * mean(g * xhat)),   xhat = x * rstd,  g = dy * w
+    dw   = sum over rows of dy * xhat         (fp32 per-program partial sums, then a column reduction)
+
+Fused residual variant (`add_rms_norm`): h = x + residual (rounded to its dtype, the same value the
+caller receives), y = rms_norm(h). Backward: dh_total = dh + d(norm)/dh, returned for both x and
+residual. A pre-norm block thus reads its two activations once and writes h and y once.
+
+Envelope: x fp32/fp16/bf16; weight the output's dtype or fp32 (or None: no affine); residual of x's
+shape, any float dtype (h and y take torch's promoted dtype, so under autocast a bf16 block output
+added to an fp32 residual stream gives fp32 h and y, as the reference does); row width N <= 65536
+on the Triton path (a whole row lives in registers, so x is read once; the backward spills registers
+beyond 16K and is correct but slower there); any leading shape. Rows may be strided (row and column strides are passed to the
+kernels; see `_common.as_rows` for when a copy is unavoidable). Weight gradients are deterministic:
+every program owns a fixed contiguous range of rows and writes its own fp32 partial sum, and a
+second small kernel reduces the partials column-wise in a fixed order; no atomics, so repeated backward passes are
+bit-identical. Gradients never overwrite grad_output or saved inputs.
+
+torch.compile: the launchers are registered as custom ops (`fastgrow::rms_norm_fwd`, ...), with fake
+(meta) implementations and autograd formulas, so compiled graphs treat them as opaque nodes and do
+not break around the Triton launch. Eager calls go through an autograd.Function over the same
+launchers instead (less host overhead per call); both paths are tested against each other.
 """
 
-from __future__ import annotations
+import functools
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
-from ._common import check_float, check_same_device
+from ._common import (
+    as_rows,
+    cdiv,
+    check_float,
+    check_same_device,
+    check_weight_dtype,
+    device_guard,
+    next_pow2,
+    persistent_programs,
+    use_triton,
+)
+
+MAX_WIDTH = 65536
 
 
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, stride_xm, stride_xn,
+    R, stride_rm, stride_rn,
+    H, Y, W, RSTD,
+    M, N, eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One [ROWS, BLOCK_N] tile per program: the whole row is in registers, so x is read exactly once.
+    # Row offsets are int64 (M * stride can pass 2^31); H and Y are fresh contiguous [M, N] tensors.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
+        # Round h to the storage dtype before taking statistics: the backward recomputes from the
+        # stored h, and the caller's h must be the value that was normalised.
+        h = (x + r.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * N + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    # Masked lanes hold 0, so they add nothing to the sum; divide by the true width N.
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    y = x * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, stride_dym, stride_dyn,
+    X, stride_xm, stride_xn,
+    DH, stride_dhm, stride_dhn,
+    W, RSTD, DX, DR, DW_PART,
+    M, N, tiles_per_prog,
+    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    RELOAD_W: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Each program owns the rows [pid, pid + 1) * tiles_per_prog * ROWS and walks them a tile at a time
+    # (rows past M masked), keeping its dw contribution in fp32 registers; it writes one partial row at
+    # the end. The fixed row ownership and summation order make dw bit-reproducible without atomics.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    # Wide rows (RELOAD_W) re-read w each row from L1/L2 instead of pinning it in registers: with x,
+    # dy and the dw accumulator already live, a register-resident w would spill at 8K+ widths.
+    if HAS_W and not RELOAD_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * tiles_per_prog * ROWS
+    for t in range(0, tiles_per_prog):
+        rows = row_start + t * ROWS + tl.arange(0, ROWS)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        xhat = x.to(tl.float32) * rstd[:, None]
+        dy = dy.to(tl.float32)
+        if HAS_W:
+            if RELOAD_W:
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            g = dy * w[None, :]
+        else:
+            g = dy
+        c = tl.sum(g * xhat, axis=1) / N
+        dx = (g - xhat * c[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :] * stride_dhn, mask=mask, other=0.0)
+            dx = dx + dh.to(tl.float32)
+        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DR:  # fused residual with x and residual of two dtypes: each gets its own copy
+            tl.store(DR + rows[:, None] * N + cols[None, :], dx.to(DR.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw_acc, mask=col_mask)
+
+
+@triton.jit
+def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Second stage of the weight gradient: each program sums one column block of the [P, N] fp32
+    # partials in a fixed order and writes it in the weight's dtype (one launch instead of torch's sum
+    # plus a cast; a [BLOCK_P, BLOCK_C] accumulator keeps several rows' loads in flight).
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < N
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        acc += tl.load(PART + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+# num_warps by tile size (ROWS * BLOCK_N elements). Forward: ~16 elements per thread (two 16-byte bf16
+# vectors per stream in flight), up to 32 warps; ptxas (sm_90, Triton 3.9) gives it 32-40 registers.
+# Backward keeps x, dy and the fp32 dw accumulator live per element: 112-124 registers at 1K-8K (so
+# 2 programs of 8 warps or 1 of 16 fit an SM), and 16K-wide rows stay at 16 warps (128 registers, a
+# 64-byte spill) where 32 warps would cap every thread at 64 registers and spill much more; at 32K-64K
+# spilling is unavoidable and the widest block wins. tests/test_norm_kernels_sm90.py checks this.
+_FWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 32, 32768: 32, 65536: 32}
+_BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
+
+
+@functools.cache
+def _launch_config(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, ROWS, fwd num_warps, bwd num_warps) for width n: a fixed table, no autotuning
+    (reproducible, no warm-up, same config on every call).
+
+    - BLOCK_N: the row padded to a power of two (a whole row per tile; min 16 so a tile is never
+      degenerate).
+    - ROWS: wide rows (>= 4096) get one row per program, already 8-128 KB of traffic each; narrower
+      rows are packed several per program so each program still moves ~4K elements, which amortises
+      the per-program index math, weight load and rstd store.
+    """
+    block_n = max(16, next_pow2(n))
+    rows = 1 if block_n >= 4096 else min(64, 4096 // block_n)
+    tile = max(2048, rows * block_n)
+    return block_n, rows, _FWD_WARPS[tile], _BWD_WARPS[tile]
+
+
+def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    # h = x + residual follows torch's type promotion (autocast: a bf16 block output added to an fp32
+    # residual stream gives an fp32 h), and y has h's dtype, exactly as the reference does.
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _launch_fwd(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    out_dtype = _out_dtype(x, residual)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=out_dtype, device=x.device) if residual is not None else None
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if y.numel() == 0:
+        return h, y, rstd
+    x2 = as_rows(x)
+    r2 = as_rows(residual) if residual is not None else x2
+    m = x2.shape[0]
+    block_n, rows, num_warps, _ = _launch_config(n)
+    with device_guard(x):
+        _rms_norm_fwd_kernel[(cdiv(m, rows),)](
+            x2, x2.stride(0), x2.stride(1),
+            r2, r2.stride(0), r2.stride(1),
+            h if h is not None else y, y, weight if weight is not None else y, rstd,
+            m, n, eps,
+            HAS_RES=residual is not None, HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n,
+            num_warps=num_warps,
+        )  # fmt: skip
+    return h, y, rstd
+
+
+def _launch_bwd(
+    dy: torch.Tensor,
+    xh: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    dh: torch.Tensor | None,
+    compute_dw: bool,
+    dx_dtype: torch.dtype,
+    dr_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Returns (dx in dx_dtype, dr in dr_dtype or None, dw in weight's dtype or an empty tensor).
+
+    xh is the normalised input (x, or h for the fused residual); dh the gradient reaching h directly.
+    dr is the same gradient as dx stored a second time, for a residual whose dtype differs from x's.
+    """
+    n = xh.shape[-1]
+    compute_dw = compute_dw and weight is not None
+    dx = torch.empty(xh.shape, dtype=dx_dtype, device=xh.device)
+    dr = torch.empty(xh.shape, dtype=dr_dtype, device=xh.device) if dr_dtype is not None else None
+    dw_dtype = weight.dtype if weight is not None else xh.dtype
+    if dx.numel() == 0:
+        dw = torch.zeros(n if compute_dw else 0, dtype=dw_dtype, device=xh.device)
+        return dx, dr, dw
+    dy2, x2 = as_rows(dy), as_rows(xh)
+    dh2 = as_rows(dh) if dh is not None else dy2
+    m = x2.shape[0]
+    block_n, rows, _, num_warps = _launch_config(n)
+    tiles = cdiv(m, rows)
+    if compute_dw:
+        # Persistent grid sized to what is resident at once, ~16 warps per SM (4 programs of 4 warps,
+        # 2 of 8, 1 of 16+; the register estimate above allows no more): enough loads in flight to
+        # hide latency, no second wave, and an fp32 partial buffer (programs x N) that stays small
+        # next to the main traffic (~8% at 4096 x 4096, less with more rows).
+        progs = min(tiles, persistent_programs(xh.device) * max(1, 16 // num_warps))
+    else:
+        progs = tiles  # no reduction: one tile per program, the widest grid
+    tiles_per_prog = cdiv(tiles, progs)
+    progs = cdiv(tiles, tiles_per_prog)
+    part = torch.empty((progs, n), dtype=torch.float32, device=xh.device) if compute_dw else dx  # dx: unused
+    with device_guard(xh):
+        _rms_norm_bwd_kernel[(progs,)](
+            dy2, dy2.stride(0), dy2.stride(1),
+            x2, x2.stride(0), x2.stride(1),
+            dh2, dh2.stride(0), dh2.stride(1),
+            weight if weight is not None else dx, rstd, dx, dr if dr is not None else dx, part,
+            m, n, tiles_per_prog,
+            HAS_W=weight is not None, HAS_DH=dh is not None, HAS_DR=dr is not None,
+            COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )  # fmt: skip
+    if compute_dw:
+        dw = torch.empty(n, dtype=dw_dtype, device=xh.device)
+        with device_guard(xh):
+            _dw_sum_kernel[(cdiv(n, 64),)](part, dw, progs, n, BLOCK_P=32, BLOCK_C=64, num_warps=4)
+    else:
+        dw = torch.empty(0, dtype=dw_dtype, device=xh.device)
+    return dx, dr, dw
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops + autograd (the torch.compile-visible boundary)
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op(
+    "fastgrow::rms_norm_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
+)
+def _rms_norm_fwd_op(x, weight, eps):
+    _, y, rstd = _launch_fwd(x, None, weight, eps)
+    return y, rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, eps):
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "fastgrow::add_rms_norm_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
+)
+def _add_rms_norm_fwd_op(x, residual, weight, eps):
+    return _launch_fwd(x, residual, weight, eps)
+
+
+@_add_rms_norm_fwd_op.register_fake
+def _(x, residual, weight, eps):
+    h = torch.empty_like(x, dtype=_out_dtype(x, residual), memory_format=torch.contiguous_format)
+    return h, torch.empty_like(h), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "fastgrow::rms_norm_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dh, bool compute_dw, "
+    "ScalarType dx_dtype, ScalarType? dr_dtype) -> (Tensor, Tensor, Tensor)",
+)
+def _rms_norm_bwd_op(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype):
+    dx, dr, dw = _launch_bwd(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype)
+    return dx, (dr if dr is not None else x.new_empty(0)), dw  # ops cannot return None
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype):
+    compute_dw = compute_dw and weight is not None
+    dw_dtype = weight.dtype if weight is not None else x.dtype
+    dx = torch.empty_like(x, dtype=dx_dtype, memory_format=torch.contiguous_format)
+    dr = torch.empty_like(dx, dtype=dr_dtype) if dr_dtype is not None else x.new_empty(0)
+    return dx, dr, x.new_empty((x.shape[-1] if compute_dw else 0,), dtype=dw_dtype)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _eps = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[1]
+    dx, _, dw = torch.ops.fastgrow.rms_norm_bwd(dy, x, weight, rstd, None, need_dw, x.dtype, None)
+    return dx, (dw if need_dw else None), None
+
+
+_rms_norm_fwd_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def _grad_dtypes(x_dtype: torch.dtype, r_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    # x and residual receive the same gradient. One dtype: one tensor serves both (autograd never
+    # writes into a gradient it hands to two inputs). Two dtypes: the kernel stores it twice.
+    return x_dtype, (None if r_dtype == x_dtype else r_dtype)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    x, residual, weight, _eps = inputs
+    h, _y, rstd = output
+    ctx.save_for_backward(h, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.grad_dtypes = _grad_dtypes(x.dtype, residual.dtype)
+
+
+def _add_rms_norm_backward(ctx, dh, dy, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    dx_dtype, dr_dtype = ctx.grad_dtypes
+    dx, dr, dw = torch.ops.fastgrow.rms_norm_bwd(dy, h, weight, rstd, dh, need_dw, dx_dtype, dr_dtype)
+    return dx, (dr if dr_dtype is not None else dx), (dw if need_dw else None), None
+
+
+_add_rms_norm_fwd_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """Eager twin of the custom ops above (same launchers). Outside torch.compile it skips the custom-op
+    dispatch and its autograd wrapper, ~10-40 us of Python per call that shows at small shapes when
+    the host, not the GPU, is the bottleneck. Returns y, or (h, y) with a residual."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        h, y, rstd = _launch_fwd(x, residual, weight, eps)
+        ctx.has_residual = h is not None
+        ctx.grad_dtypes = _grad_dtypes(x.dtype, residual.dtype) if h is not None else (x.dtype, None)
+        ctx.save_for_backward(h if h is not None else x, weight, rstd)
+        return (h, y) if h is not None else y
+
+    @staticmethod
+    def backward(ctx, *grads):
+        xh, weight, rstd = ctx.saved_tensors
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        dh, dy = grads if ctx.has_residual else (None, grads[0])
+        dx, dr, dw = _launch_bwd(dy, xh, weight, rstd, dh, need_dw, *ctx.grad_dtypes)
+        dres = (dr if dr is not None else dx) if ctx.has_residual else None
+        return dx, dres, (dw if need_dw else None), None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------------
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None = None) -> None:
+    check_float("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalised one), got a scalar")
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_device(x=x, residual=residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have one shape")
+    if weight is not None:
+        check_weight_dtype("weight", weight, _out_dtype(x, residual))
+        check_same_device(x=x, weight=weight)
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},)")
+
+
+def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_width(n: int) -> None:
+    if n > MAX_WIDTH:
+        raise ValueError(
+            f"the Triton RMSNorm supports rows of at most {MAX_WIDTH} elements, got width {n} "
+            "(use impl='ref' for wider rows)"
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto") -> torch.Tensor:
+    """RMS-normalise the last dim of `x` and scale by `weight` (None: no affine). Returns x.dtype.
+
+    impl: "auto" (Triton on CUDA, and on CPU under TRITON_INTERPRET=1; else the reference),
+    "triton" or "ref".
+    """
+    _check_inputs(x, weight)
+    if not use_triton(x, impl) or x.numel() == 0:
+        # Empty inputs take the reference path: it returns empty outputs and well-formed (zero) grads.
+        return rms_norm_ref(x, weight, eps)
+    _check_width(x.shape[-1])
+    if torch.compiler.is_compiling():
+        return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))[0]
+    if _needs_autograd(x, weight):
+        return _RMSNormFn.apply(x, None, weight, float(eps))
+    return _launch_fwd(x, None, weight, float(eps))[1]  # inference: no autograd node, no saved tensors
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused `h = x + residual; y = rms_norm(h, weight, eps)`. Returns (h, y), both differentiable.
+
+    h and y have the promoted dtype of x and residual (torch's rule for `x + residual`).
+    """
+    _check_inputs(x, weight, residual)
+    if not use_triton(x, impl) or x.numel() == 0:
+        return add_rms_norm_ref(x, residual, weight, eps)
+    _check_width(x.shape[-1])
+    if torch.compiler.is_compiling():
+        h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
+        return h, y
+    if _needs_autograd(x, residual, weight):
+        return _RMSNormFn.apply(x, residual, weight, float(eps))
+    h, y, _rstd = _launch_fwd(x, residual, weight, float(eps))
+    return h, y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Drop-in for torch.nn.RMSNorm over the last dim (same state_dict: `weight`, absent without affine)."""
+
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        device=None,
+        dtype=None,
+        *,
+        elementwise_affine: bool = True,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.impl = impl
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# fp32 references (test oracle and CPU path)
+# ----------------------------------------------------------------------------------------------------
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """fp32 torch reference; returns x.dtype."""
     xf = x.float()
@@ -23,42 +517,6 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 def add_rms_norm_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (in x.dtype), y = rms_norm(h); returns (h, y)."""
+    """h = x + residual (torch's promoted dtype), y = rms_norm(h) in h's dtype; returns (h, y)."""
     h = x + residual
     return h, rms_norm_ref(h, weight, eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto") -> torch.Tensor:
-    check_float("x", x)
-    if weight is not None:
-        check_float("weight", weight)
-        check_same_device(x=x, weight=weight)
-        if weight.shape != x.shape[-1:]:
-            raise ValueError(f"weight shape {tuple(weight.shape)} must be ({x.shape[-1]},)")
-    return rms_norm_ref(x, weight, eps)
-
-
-def add_rms_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor | None,
-    eps: float = 1e-6,
-    *,
-    impl: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.shape != residual.shape:
-        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} must have one shape")
-    h = x + residual
-    return h, rms_norm(h, weight, eps, impl=impl)
-
-
-class RMSNorm(nn.Module):
-    """Drop-in for torch.nn.RMSNorm (same state_dict: `weight`)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)

@@ -342,6 +342,9 @@ def test_growth_at_tokens():
     budget = run.train.max_steps * run.data.batch_size * run.data.seq_len
     # Eq. 10 extrapolates far past the budget for a model this small: clamped to half of it.
     assert growth_at_tokens(run) == budget // 2
+    from fastgrow.train import resolve_growth_tokens  # the trainer's entry point agrees
+
+    assert resolve_growth_tokens(run) == budget // 2
 
 
 # --- GPU: no host syncs, no DtoH copies -------------------------------------------------------------
@@ -353,7 +356,17 @@ def test_grow_on_gpu_has_no_host_sync():
 
     from fastgrow.state import build_state
 
-    cfg = tiny_run(dim=128, n_heads=4, n_kv_heads=2, ffn_dim=256, n_layers=2, vocab_size=512)
+    # Reference kernels / SDPA for the training steps: this test is about grow(), not the kernels.
+    cfg = tiny_run(
+        dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=256,
+        n_layers=2,
+        vocab_size=512,
+        kernel_impl="ref",
+        attn_backend="sdpa",
+    )
     st = build_state(cfg, device="cuda")
     tok = batch(512, 0).cuda()
     for _ in range(2):
@@ -380,3 +393,17 @@ def test_grow_on_gpu_has_no_host_sync():
         assert g.model.layers[0].attn.wqkv.weight.is_cuda
         assert all(s["step"].is_cuda for s in g.optimizer.state.values())  # fused AdamW keeps step on device
         train_step(g, tok)
+
+
+def test_grow_keeps_dtype_and_eval_mode():
+    from fastgrow.optim import build_optimizer
+    from fastgrow.state import build_state
+
+    st = build_state(tiny_run(), device="cpu")
+    st.model.to(torch.bfloat16).eval()
+    st.optimizer = build_optimizer(st.model, st.config.train)
+    g = grow(st, GrowPlan("stack", factor=2, target_ffn_dim=80))
+    assert all(p.dtype == torch.bfloat16 for p in g.model.parameters())
+    assert g.model.rope_cos.dtype == st.model.rope_cos.dtype and torch.equal(g.model.rope_cos, st.model.rope_cos)
+    assert not g.model.training
+    assert torch.equal(g.model.layers[4].attn.wqkv.weight, st.model.layers[1].attn.wqkv.weight)  # 6 <- 1,2,3,1,2,3

@@ -1,0 +1,232 @@
+"""Growth inside a training run: train -> grow -> checkpoint/resume bitwise on CPU, offline growth of a
+checkpoint through the same grow(), and the `plan` / `grow` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, read_meta
+from fastgrow.config import DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig
+from fastgrow.grow import GrowPlan, grow_checkpoint
+from fastgrow.grow_cli import add_growth_commands
+from fastgrow.train import train as _train
+
+VOCAB = 61
+STALE_STATE = (
+    "the trainer grew more than once in one run: its loop must use the TrainState that grow() returned "
+    "(self.state), not one bound before the growth event"
+)
+
+
+class _GrewTwice(RuntimeError):
+    pass
+
+
+def train(cfg, **kw):
+    """fastgrow.train.train, failing fast (instead of growing without bound) if one run grows twice."""
+    import fastgrow.grow as grow_mod
+
+    real = grow_mod.apply_growth
+    calls = []
+
+    def once(state, growth_cfg):
+        calls.append(state.step)
+        if len(calls) > 1:
+            raise _GrewTwice(f"apply_growth called again at step(s) {calls}")
+        return real(state, growth_cfg)
+
+    grow_mod.apply_growth = once
+    try:
+        return _train(cfg, **kw)
+    except _GrewTwice:
+        pytest.fail(STALE_STATE)
+    finally:
+        grow_mod.apply_growth = real
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny token stream in the loader's on-disk format (uint16 shard + meta.json)."""
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    # A learnable stream: a noisy repeating pattern, so losses move and growth has something to carry.
+    base = np.tile(np.arange(1, 41, dtype=np.uint16), 200)
+    noise = rng.integers(1, VOCAB, size=base.size, dtype=np.uint16)
+    toks = np.where(rng.random(base.size) < 0.1, noise, base).astype("<u2")
+    (d / "tokens-00000.bin").write_bytes(toks.tobytes())
+    meta = {
+        "format": "fastgrow-tokens",
+        "format_version": 1,
+        "dtype": "uint16",
+        "byte_order": "little",
+        "vocab_size": VOCAB,
+        "eos_id": 0,
+        "eos_token": "<|endoftext|>",
+        "num_tokens": int(toks.size),
+        "num_documents": 1,
+        "shards": [
+            {
+                "file": "tokens-00000.bin",
+                "num_tokens": int(toks.size),
+                "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
+            }
+        ],
+    }
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def run_cfg(data_dir, out_dir, growth: GrowthConfig | None = None) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32),
+        data=DataConfig(data_dir=str(data_dir), seq_len=16, batch_size=2, val_fraction=0.05),
+        train=TrainConfig(
+            device="cpu",
+            max_steps=8,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=2,
+            seed=3,
+            out_dir=str(out_dir),
+            log_every=2,
+            eval_every=0,
+            eval_batches=1,
+            ckpt_every=0,
+            progress=False,
+        ),
+        growth=growth or GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),
+    )
+
+
+def params_of(state) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in state.model.named_parameters()}
+
+
+def moments_of(state) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in state.model.named_parameters():
+        for k, v in state.optimizer.state.get(p, {}).items():
+            out[f"{n}.{k}"] = v.clone()
+    return out
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    res = train(run_cfg(data_dir, out), echo=False)
+    return res
+
+
+def test_growth_happens_in_run(straight):
+    st = straight.state
+    assert st.step == 8 and st.model.cfg.n_layers == 4
+    (rec,) = st.growth_history
+    assert rec["step"] == 3 and rec["tokens"] == 96 and rec["sources"] == [0, 1, 0, 1]
+    grows = [r for r in straight.records if r["kind"] == "growth"]
+    assert len(grows) == 1 and grows[0]["layers_after"] == 4
+    assert st.schedule.rewarm_start == 3 and st.schedule.rewarm_steps == 2
+    assert all(np.isfinite(r["loss"]) for r in straight.records if r["kind"] == "train")
+
+
+@pytest.mark.parametrize("stop_at", [2, 3, 5])
+def test_resume_across_growth_is_bitwise(data_dir, tmp_path, straight, stop_at):
+    """Stop before (2), exactly at (3: tokens reached, not yet grown) and after (5) the growth event,
+    resume from the checkpoint, and land on the straight run's weights and moments bit for bit."""
+    cfg = run_cfg(data_dir, tmp_path / "run")
+    first = train(cfg, echo=False, until_step=stop_at)
+    assert first.state.step == stop_at
+    assert (first.state.model.cfg.n_layers == 4) == (stop_at > 3)
+    second = train(cfg, resume=True, echo=False)
+    assert second.state.step == 8 and len(second.state.growth_history) == 1
+    assert_bitwise(params_of(second.state), params_of(straight.state))
+    assert_bitwise(moments_of(second.state), moments_of(straight.state))
+
+
+def test_offline_grow_checkpoint_matches_in_run_growth(data_dir, tmp_path, straight):
+    cfg = run_cfg(data_dir, tmp_path / "small")
+    train(cfg, echo=False, until_step=3)  # checkpoint at step 3, tokens 96, not grown yet
+    ckpt = latest_checkpoint(tmp_path / "small")
+    rng = torch.get_rng_state()
+    plan = GrowPlan("stack", factor=2, schedule="rewarm", rewarm_steps=2)
+    out = grow_checkpoint(ckpt, tmp_path / "grown", plan)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is left alone
+    assert read_meta(out)["model_config"]["n_layers"] == 4
+    grown = load_checkpoint(out, "cpu", restore_rng=False)
+    assert grown.model.cfg.n_layers == 4 and grown.step == 3
+    # Continue the grown checkpoint as a run: no second growth, and the same result as growing in-run.
+    cont = train(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "grown"))),
+        resume=True,
+        echo=False,
+    )
+    assert len(cont.state.growth_history) == 1
+    assert_bitwise(params_of(cont.state), params_of(straight.state))
+    with pytest.raises(ValueError, match="another run directory"):
+        grow_checkpoint(ckpt, tmp_path / "small", plan)
+    with pytest.raises(ValueError, match="malformed"):
+        grow_checkpoint(ckpt, tmp_path / "bad", GrowPlan("partial", spec="12-3x"))
+    assert not (tmp_path / "bad").exists() or latest_checkpoint(tmp_path / "bad") is None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastgrow")
+    add_growth_commands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_plan_command_json(capsys):
+    args = _parser().parse_args(["plan", "--params", "7B", "--tokens", "300B", "--json"])
+    assert args.func(args, []) == 0
+    d = json.loads(capsys.readouterr().out)
+    for key in ("growth_tokens", "factor", "base_layers", "flops_small", "flops_large"):
+        assert key in d
+    assert d["factor"] == 4 and d["base_layers"] == 8
+    assert d["growth_tokens"] == pytest.approx(2.0481e10, rel=2e-4)
+    args = _parser().parse_args(["plan", "--preset", "410M", "--tokens", "2e12"])
+    assert args.func(args, []) == 0
+    assert "grow after d" in capsys.readouterr().out
+
+
+def test_grow_command(data_dir, tmp_path, capsys):
+    cfg = run_cfg(data_dir, tmp_path / "small", growth=GrowthConfig())
+    train(cfg, echo=False, until_step=2)
+    args = _parser().parse_args(
+        ["grow", str(tmp_path / "small"), str(tmp_path / "big"), "--op", "partial", "--spec", "1-2*3"]
+    )
+    assert args.func(args, []) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"] == 4 and out["params_after"] > out["params_before"]
+
+
+def test_resume_after_growth_in_a_new_process(data_dir, tmp_path, straight):
+    """The same, with the second half in a fresh interpreter (nothing cached in this process helps)."""
+    import subprocess
+    import sys
+
+    cfg = run_cfg(data_dir, tmp_path / "run")
+    train(cfg, echo=False, until_step=5)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    script = (
+        "import json, sys, torch\n"
+        "from fastgrow.config import RunConfig\n"
+        "from fastgrow.train import train\n"
+        "cfg = RunConfig.from_dict(json.loads(open(sys.argv[1]).read()))\n"
+        "st = train(cfg, resume=True, echo=False).state\n"
+        "torch.save({n: p.detach() for n, p in st.model.named_parameters()}, sys.argv[2])\n"
+    )
+    out = tmp_path / "params.pt"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "cfg.json"), str(out)], check=True, timeout=120)
+    assert_bitwise(torch.load(out), params_of(straight.state))

@@ -19,7 +19,7 @@ deterministic backward without atomics), "sdpa" (torch scaled_dot_product_attent
 (triton where `use_triton(q)`, i.e. CUDA or CPU under TRITON_INTERPRET=1, and the input is inside the
 Triton envelope below; otherwise sdpa, e.g. bfloat16 on CPU, which the interpreter cannot do).
 
-Triton envelope: head_dim 32, 64, 96, 128 (96 runs in a 128-wide tile masked on d); fp16 and bf16 on GPU,
+Triton envelope: head_dim 16, 32, 64, 96, 128 (96 runs in a 128-wide tile masked on d); fp16 and bf16 on GPU,
 fp32 everywhere (GPU dots in exact fp32, "ieee", since fp32 is the accuracy path); any sequence length >= 1.
 Within one (batch, head) slice, offsets are 32-bit (seq * stride_seq < 2**31); batch/head offsets are 64-bit.
 """
@@ -32,14 +32,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from ._common import check_float, check_same_device, interpreter_enabled, use_triton
+from ._common import cdiv, check_float, check_same_device, interpreter_enabled, next_pow2, use_triton
 from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attention_fwd import attn_fwd_kernel
 
 BACKENDS = ("auto", "triton", "sdpa", "flash_attn", "ref")
-TRITON_HEAD_DIMS = (32, 64, 96, 128)
+TRITON_HEAD_DIMS = (16, 32, 64, 96, 128)
 _LOG2E = 1.4426950408889634
 
 
@@ -99,7 +98,7 @@ def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> _Cfgs:
 
 
 def _block_d(head_dim: int) -> int:
-    return triton.next_power_of_2(head_dim)
+    return next_pow2(head_dim)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -127,7 +126,7 @@ def _fwd(
     cfg = _configs(d, q.dtype, q.device).fwd
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(sq, cfg.block_m), b * h)
+    grid = (cdiv(sq, cfg.block_m), b * h)
     attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -157,7 +156,7 @@ def _bwd(
     prec = _dot_precision(q.dtype)
 
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-    attn_bwd_preprocess_kernel[(triton.cdiv(sq, cfgs.pre_block_m), b * h)](
+    attn_bwd_preprocess_kernel[(cdiv(sq, cfgs.pre_block_m), b * h)](
         out, do, dlse if dlse is not None else delta, delta,
         *out.stride(), *do.stride(), h, sq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfgs.pre_block_m, HAS_DLSE=dlse is not None,
@@ -167,7 +166,7 @@ def _bwd(
     dk = torch.empty((b, sk, hk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, sk, hk, d), dtype=v.dtype, device=v.device)
     c = cfgs.dkdv
-    attn_bwd_dkdv_kernel[(triton.cdiv(sk, c.block_n), b * hk)](
+    attn_bwd_dkdv_kernel[(cdiv(sk, c.block_n), b * hk)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         h, hk, sq, sk, h // hk, scale, scale * _LOG2E,
@@ -175,7 +174,7 @@ def _bwd(
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     c = cfgs.dq
-    attn_bwd_dq_kernel[(triton.cdiv(sq, c.block_m), b * h)](
+    attn_bwd_dq_kernel[(cdiv(sq, c.block_m), b * h)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         h, sq, sk, h // hk, scale, scale * _LOG2E,

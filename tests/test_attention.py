@@ -104,7 +104,7 @@ def _compare(ours, ref, same, dtype):
         assert err <= tol, f"{name}: max err {err:.3e} > tol {tol:.3e}"
 
 
-# Covering subset of seq {1, 2, 17, 97, 129} x head_dim {32, 64, 96, 128} x GQA {1, 2, 4} x causal x dtype:
+# Covering subset of seq {1, 2, 17, 97, 129} x head_dim {16, 32, 64, 96, 128} x GQA {1, 2, 4} x causal x dtype:
 # each value appears in several rows, with tiles of 32 query rows x 16 keys in the interpreter.
 CASES = [
     # b, sq, sk, h, hk, d, causal, dtype
@@ -118,6 +118,8 @@ CASES = [
     (1, 129, 129, 4, 1, 32, True, torch.float32),
     (1, 40, 40, 2, 1, 96, True, torch.float32),
     (1, 33, 33, 2, 2, 96, False, torch.float16),
+    (2, 29, 29, 4, 2, 16, True, torch.float32),  # head_dim 16: small test models (e.g. test_model_kernels)
+    (1, 18, 18, 2, 1, 16, False, torch.float16),
 ]
 
 

@@ -1,14 +1,20 @@
 """Attention microbenchmarks: TFLOP/s of forward, backward and forward+backward.
 
-GPU: the FlashAttention benchmark shapes (hidden 2048, batch * seq = 16k tokens, seq 512..16k, head dims 64
-and 128, causal, bf16, MHA) for our Triton kernel, torch SDPA's default dispatch and each SDPA backend
-(flash, cuDNN, memory-efficient) forced with `sdpa_kernel`, and flash-attn when installed.
-CPU: tiny shapes for the reference and SDPA, so `pytest bench --benchmark-only` stays quick and checks the
-harness; CPU numbers say nothing about the kernels.
+    pytest bench/test_bench_attention.py --benchmark-enable --benchmark-only
+
+GPU (bf16, causal):
+- test_attention: the FlashAttention benchmark shapes (hidden 2048, batch * seq = 16k tokens, seq 512..16k,
+  head dims 64 and 128, MHA) for our Triton kernel, torch SDPA's default dispatch, each SDPA backend
+  (flash, cuDNN, memory-efficient) forced with `sdpa_kernel`, and flash-attn when installed.
+- test_attention_model_shapes: the presets' training shapes (batch 8 x seq 2048; 1.1B is GQA 32/4).
+- test_attention_config_sweep: alternatives to the Triton launch table, to re-choose it from data.
+CPU: tiny shapes for the reference and SDPA, and our kernel at one tiny shape when the interpreter is on
+(bench/conftest.py turns it on without CUDA): only a harness check, CPU numbers mean nothing.
 
 FLOPs (FlashAttention convention): forward 4 * b * h * s^2 * d, halved when causal; backward 2.5x forward.
+Timing follows bench/README.md (L2-evicting memset, then CUDA events around one call; median of 30).
 Each benchmark stores TFLOP/s and median ms in `benchmark.extra_info` and, when FASTGROW_BENCH_OUT is set,
-appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/results_log.py). No conftest needed.
+appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/results_log.py).
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import secrets
 import shutil
 import struct
@@ -155,11 +156,16 @@ def parse_hf_source(spec: str) -> tuple[str, str | None, str]:
 
 
 def stdlib_files() -> tuple[Path, list[Path]]:
-    """The running interpreter's standard-library folder and its .py files (sorted, no site-packages)."""
+    """The running interpreter's standard-library folder and its .py files (no site-packages), in a fixed
+    shuffled order: sorted, then shuffled with seed 0. Alphabetical order would make a `max_bytes` slice
+    the first packages only and put one package at the tail, where the validation split comes from
+    (a 4 MB slice ended inside `encodings/`, whose codec tables made validation loss 2 nats below train)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise FileNotFoundError(f"standard library folder not found: {root}")
-    return root, [f for f in _walk(root) if f.suffix == ".py"]
+    files = [f for f in _walk(root) if f.suffix == ".py"]
+    random.Random(0).shuffle(files)
+    return root, files
 
 
 def resolve_sources(

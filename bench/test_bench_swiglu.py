@@ -11,154 +11,30 @@ as a JSON line to $FASTGROW_BENCH_OUT/swiglu.jsonl.
 """
 
 import importlib
-import json
-import os
-import statistics
-import subprocess
 
+import kernel_harness as harness
+import pytest
 import torch
+import torch.nn.functional as F
+from fastgrow.kernels import swiglu
+from kernel_harness import CUDA, DEVICE, DTYPE, MODES, _compile, _liger, make_timed
 
-if not torch.cuda.is_available():
-    # Before fastgrow.kernels (and so triton) is imported: run the kernels through the interpreter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-from fastgrow.kernels import swiglu  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
 if CUDA:
     SHAPES = [(4096, f) for f in (1024, 2048, 4096, 8192, 16384)] + [(16384, f) for f in (2816, 5632, 11008)]
-    ROUNDS, WARMUP = 30, 3
 else:
     SHAPES = [(64, 384)]
-    ROUNDS, WARMUP = 2, 0
 # On a CPU our kernels only run if fastgrow.kernels was first imported with TRITON_INTERPRET=1 (set
 # above); another bench module importing it earlier without the variable would leave compiled-mode
 # kernels that cannot take CPU tensors. Detect that and skip rather than fail.
 KERNELS_RUNNABLE = (
     CUDA or "Interpreted" in type(importlib.import_module("fastgrow.kernels.swiglu")._swiglu_fwd_kernel).__name__
 )
-MODES = ("fwd", "bwd", "fwdbwd")
 JSONL_NAME = "swiglu"
 
 
-# ----------------------------------------------------------------------------------------------------
-# harness (kept self-contained per bench file)
-# ----------------------------------------------------------------------------------------------------
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _liger(name: str):
-    try:
-        import liger_kernel.transformers.functional as lf
-    except Exception:
-        return None
-    return getattr(lf, name, None)
-
-
-def _meta() -> dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        commit = None
-    return {
-        "device": torch.cuda.get_device_name(0) if CUDA else "cpu (Triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
-    }
-
-
-_META = None
-
-
-_FLUSH = None
-
-
-def _gpu_round(fn, times: list) -> None:
-    """One timed call on CUDA, measured with events on the GPU timeline.
-
-    A 512 MB memset first evicts L2 (so inputs come from HBM, as in training, not from a warm cache)
-    and keeps the GPU busy for ~0.2 ms while the host enqueues `fn`: the events then time the
-    kernels alone, not Python/launch overhead (what triton.testing.do_bench does too).
-    """
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    _FLUSH.zero_()
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end) / 1e3)
-
-
+# The shared harness (timing, GB/s, JSONL) lives in bench/kernel_harness.py.
 def run_bench(benchmark, fn, nbytes: int, **info) -> None:
-    """Time `fn`; record median ms and GB/s (CUDA: GPU-event time per call, see _gpu_round; CPU: the
-    wall-clock median from pytest-benchmark)."""
-    global _META
-    for _ in range(2):  # compile / autotune / first-launch costs stay out of the numbers
-        fn()
-    _sync()
-    gpu_times: list[float] = []
-    target = (lambda: _gpu_round(fn, gpu_times)) if CUDA else fn
-    benchmark.pedantic(target, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
-    if benchmark.disabled:  # plain `pytest bench` (--benchmark-disable): ran once as a smoke test
-        return
-    median_s = statistics.median(gpu_times[WARMUP:]) if CUDA else benchmark.stats.stats.median
-    gbps = nbytes / median_s / 1e9
-    if _META is None:
-        _META = _meta()
-    row = {**_META, **info, "dtype": str(DTYPE).replace("torch.", ""), "bytes": nbytes}
-    row.update(median_ms=median_s * 1e3, gbps=gbps, timer="cuda events, L2 flushed" if CUDA else "wall")
-    benchmark.extra_info.update(row)
-    out_dir = os.environ.get("FASTGROW_BENCH_OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"{JSONL_NAME}.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def make_timed(mode: str, forward, inputs: list[torch.Tensor], upstream: list[torch.Tensor]):
-    """fwd: forward without autograd; bwd: backward of one retained graph; fwdbwd: both."""
-    if mode == "fwd":
-
-        def fwd():
-            with torch.no_grad():
-                forward(*inputs)
-
-        return fwd
-    leaves = [t.requires_grad_(True) for t in inputs]
-    if mode == "bwd":
-        outs = forward(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return lambda: torch.autograd.grad(outs, leaves, upstream, retain_graph=True)
-
-    def fwdbwd():
-        outs = forward(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.grad(outs, leaves, upstream)
-
-    return fwdbwd
-
-
-# One compiled function serves every shape and grad mode: let it specialise on each (dynamic=False, a
-# larger recompile budget) rather than fall back to a dynamic-shape kernel or to eager.
-for _name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, _name):
-        setattr(torch._dynamo.config, _name, 64)
-
-
-def _compile(fn):
-    # Inductor on CUDA (what users would compare against); aot_eager on CPU keeps the harness cheap.
-    return torch.compile(fn, backend="inductor" if CUDA else "aot_eager", dynamic=False)
+    harness.run_bench(benchmark, fn, nbytes, jsonl_name=JSONL_NAME, **info)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ __all__ = [
 ]
 
 SCRATCH = "scratch"
+BASE = "base"  # a control: the base model trained alone for the whole budget, never grown
 DONE_MARKER = "study_done.json"
 GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -114,15 +115,17 @@ class Variant:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"variant name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
-        if self.op != SCRATCH and self.op not in GROWTH_OPS:
-            raise ConfigError(f"variant {self.name}: op must be {SCRATCH!r} or one of {GROWTH_OPS}, got {self.op!r}")
+        if self.op not in (SCRATCH, BASE) and self.op not in GROWTH_OPS:
+            raise ConfigError(
+                f"variant {self.name}: op must be {SCRATCH!r}, {BASE!r} or one of {GROWTH_OPS}, got {self.op!r}"
+            )
         if (self.name == SCRATCH) != (self.op == SCRATCH):
             raise ConfigError(f"variant {self.name}: the name {SCRATCH!r} is reserved for op {SCRATCH!r} and back")
         if self.op in ("partial", "sources") and not self.spec:
             raise ConfigError(f"variant {self.name}: op {self.op!r} needs a spec (e.g. '1-2*3')")
         if isinstance(self.rewarm_steps, bool) or not isinstance(self.rewarm_steps, int) or self.rewarm_steps < 0:
             raise ConfigError(f"variant {self.name}: rewarm_steps must be a non-negative integer")
-        if self.op != SCRATCH:
+        if self.grows:
             # The growth fields are validated where they live (GrowthConfig), with the variant named.
             try:
                 GrowthConfig(
@@ -136,6 +139,10 @@ class Variant:
             except ConfigError as e:
                 raise ConfigError(f"variant {self.name}: {e}") from None
             _parse_timing(self.timing, self.name)
+
+    @property
+    def grows(self) -> bool:
+        return self.op in GROWTH_OPS
 
 
 @dataclass(frozen=True)
@@ -323,7 +330,7 @@ class PlannedRun:
         return {
             "variant": self.variant.name,
             "op": self.variant.op,
-            "timing": self.variant.timing if self.variant.op != SCRATCH else None,
+            "timing": self.variant.timing if self.variant.grows else None,
             "growth_tokens": self.growth_tokens,
             "growth_step": self.growth_step,
             "max_steps": self.max_steps,
@@ -356,6 +363,12 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
         if v.op == SCRATCH:
             cfg = dataclasses.replace(t, train=dataclasses.replace(t.train, out_dir=str(run_dir)))
             runs.append(PlannedRun(v, cfg, run_dir, 0, 0, t.train.max_steps, budget, budget))
+            continue
+        if v.op == BASE:
+            steps = max(1, round(budget / (tps * f_small)))
+            train = dataclasses.replace(t.train, max_steps=steps, out_dir=str(run_dir))
+            cfg = RunConfig(model=study.base, data=t.data, train=train)
+            runs.append(PlannedRun(v, cfg, run_dir, 0, 0, steps, steps * tps * f_small, budget))
             continue
         at = resolve_timing(
             v.timing, planner=planner, budget_tokens=study.budget_tokens, tokens_per_step=tps, name=v.name
@@ -713,6 +726,10 @@ def run_study(
     _write_text(out / "study.json", json.dumps(plan, indent=2, sort_keys=True) + "\n")
     if train_runs:
         ensure_data(study, echo)
+    train_tokens = _train_tokens(study)
+    over = [r.variant.name for r in runs if train_tokens and r.record()["tokens"] > train_tokens]
+    if over and echo:
+        print(f"[study] warning: {', '.join(over)} will train more than one epoch of the data", file=sys.stderr)
     outcomes: list[RunOutcome] = []
     interrupted = False
     for i, run in enumerate(runs):
@@ -733,17 +750,29 @@ def run_study(
             interrupted = True
         elif outcome.status != "reused":
             # Partial results are useful while the rest runs: rewrite the report after each run.
-            write_report(StudyResult(out, outcomes), study, plot=False)
+            write_report(StudyResult(out, outcomes), study, plot=False, train_tokens=train_tokens)
     result = StudyResult(out, outcomes, interrupted=interrupted)
-    write_report(result, study, plot=plot)
+    write_report(result, study, plot=plot, train_tokens=train_tokens)
     return result
+
+
+def _train_tokens(study: StudyConfig) -> int | None:
+    """Tokens in the training split of the study's data (None when the data is not there)."""
+    from fastgrow.loader import TokenData
+
+    d = study.target.data
+    if not (Path(d.data_dir) / "meta.json").is_file():
+        return None
+    data = TokenData.open(d.data_dir, verify=False)
+    return data.num_tokens - data.val_tokens(d.val_fraction)
 
 
 # --- reporting -------------------------------------------------------------------------------------------
 
 
-def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0) -> list[dict[str, Any]]:
-    """One row per run with a curve: the run's plan, final loss, FLOPs, epochs, speedup and loss gap."""
+def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0, train_tokens: int | None = None) -> list[dict[str, Any]]:
+    """One row per run: its plan and status, and where it has a validation curve its final loss, FLOPs,
+    epochs (with train_tokens, the size of the training split), speedup and loss gap vs scratch."""
     curves: dict[str, Curve] = {}
     for o in outcomes:
         if o.status in ("done", "reused", "aborted") and (o.run.run_dir / "metrics.jsonl").is_file():
@@ -755,11 +784,13 @@ def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0) -> list[dict[str, 
     for o in outcomes:
         row = o.run.record()
         row.update(status=o.status, wall_s=o.wall_s, error=o.error, run_dir=str(o.run.run_dir))
+        row["epochs"] = row["tokens"] / train_tokens if train_tokens else None
         c = curves.get(o.run.variant.name)
         if c is not None:
+            finite = [x for x in c.loss if math.isfinite(x)]
             row.update(
                 final_val_loss=c.loss[-1],
-                best_val_loss=min(x for x in c.loss if math.isfinite(x)) if any(map(math.isfinite, c.loss)) else None,
+                best_val_loss=min(finite) if finite else None,
                 total_flops=c.flops[-1],
                 flops_ratio=c.flops[-1] / o.run.budget_flops,
                 growth_flops=list(c.growth_flops),
@@ -784,59 +815,61 @@ def _fmt(x: float | None, spec: str, none: str = "—") -> str:
     return none if x is None else format(x, spec)
 
 
+def _table_row(r: dict[str, Any], budget_tokens: int) -> list[str]:
+    g = r["config"]["growth"]
+    grows = r["op"] in GROWTH_OPS
+    op = r["op"] + (f" `{g['spec']}`" if grows and g["spec"] else "") + (f" noise {g['noise']:g}" if g["noise"] else "")
+    sched = g["schedule"] + (f" {g['rewarm_steps']}" if g["schedule"] == "rewarm" else "")
+    if "flops_to_reach" not in r:
+        speed = "—"
+    elif r["op"] == SCRATCH:
+        speed = "(reference)"
+    else:
+        speed = _fmt(r.get("speedup"), "+.1%", none="not reached")
+    epochs = f" ({r['epochs']:.2f} ep)" if r.get("epochs") is not None else ""
+    return [
+        r["variant"],
+        op,
+        g["optimizer"] if grows else "—",
+        sched if grows else "—",
+        f"{r['growth_tokens']:,} ({r['growth_tokens'] / budget_tokens:.2f})" if grows else "—",
+        f"{r['max_steps']} / {r['tokens']:,}{epochs}",
+        _fmt(r.get("flops_ratio"), ".4f"),
+        _fmt(r.get("final_val_loss"), ".4f"),
+        _fmt(r.get("loss_gap"), "+.4f") if r["op"] != SCRATCH else "—",
+        _fmt(r.get("flops_to_reach"), ".4g") if r["op"] != SCRATCH else _fmt(r.get("flops_scratch"), ".4g"),
+        speed,
+        r["status"],
+    ]
+
+
 def study_table(rows: Sequence[dict[str, Any]], study: StudyConfig) -> str:
     """The markdown report: setup, method, and one table row per run."""
     t = study.target
+    budget = rows[0]["budget_flops"] if rows else float("nan")
     lines = [
         f"# Growth study: {study.name}",
         "",
         f"Target: {t.model.n_layers} layers, dim {t.model.dim}, {t.model.num_params():,} params; base: "
         f"{study.base.n_layers} layers ({study.base.num_params():,} params), factor {study.factor}. "
         f"Data: {t.data.data_dir}, batch {t.data.batch_size} x seq {t.data.seq_len}, seed {t.train.seed}. "
-        f"Scratch budget: {t.train.max_steps} steps = {study.budget_tokens:,} tokens (D), "
-        f"{rows[0]['budget_flops'] if rows else 0:.4g} training FLOPs (6N + attention, each phase at its own size).",
+        f"Scratch budget: {t.train.max_steps} steps = {study.budget_tokens:,} tokens (D), {budget:.4g} training "
+        "FLOPs (6N + causal attention per token, each phase counted at its own size).",
         "",
         "Speedup = FLOPs_scratch / FLOPs_grown - 1 at the scratch run's final (best) validation loss, on running-"
-        "minimum validation curves interpolated in log-log; *not reached*: the grown run never got there. "
-        "Loss gap = grown minus scratch at the scratch budget (negative: growing is better). All runs: same data "
-        "order, same total FLOPs (`total/budget` shows the rounding to whole steps).",
+        "minimum validation curves interpolated in log-log; *not reached*: the run never got there. Loss gap = "
+        "the run's minus scratch's validation loss at the scratch budget (negative: better than scratch). All "
+        "runs: same data order and validation batches, same total FLOPs (`total/budget`: rounding to whole "
+        f"steps). `{BASE}` (if present) is the base model trained alone for the whole budget, never grown.",
         "",
-        "| variant | op | optimizer | schedule | growth at tokens (of D) | steps | total/budget | final val loss "
-        "| loss gap | FLOPs to scratch loss | speedup | status |",
+        "| variant | op | optimizer | schedule | growth at tokens (of D) | steps / tokens | total/budget "
+        "| final val loss | loss gap | FLOPs to scratch loss | speedup | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        g = r["config"]["growth"]
-        grown = r["op"] != SCRATCH
-        at = f"{r['growth_tokens']:,} ({r['growth_tokens'] / study.budget_tokens:.2f})" if grown else "—"
-        reached = r.get("reached")
-        speed = _fmt(r.get("speedup"), "+.1%") if reached or not grown else "not reached"
-        if not grown:
-            speed = "(reference)"
-        if "flops_to_reach" not in r:
-            speed = "—"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["variant"],
-                    r["op"]
-                    + (f" `{g['spec']}`" if grown and g["spec"] else "")
-                    + (f" noise {g['noise']:g}" if grown and g["noise"] else ""),
-                    g["optimizer"] if grown else "—",
-                    (g["schedule"] + (f" {g['rewarm_steps']}" if g["schedule"] == "rewarm" else "")) if grown else "—",
-                    at,
-                    str(r["max_steps"]),
-                    _fmt(r.get("flops_ratio"), ".4f"),
-                    _fmt(r.get("final_val_loss"), ".4f"),
-                    _fmt(r.get("loss_gap"), "+.4f") if grown else "—",
-                    _fmt(r.get("flops_to_reach"), ".4g") if grown else _fmt(r.get("flops_scratch"), ".4g"),
-                    speed,
-                    r["status"],
-                ]
-            )
-            + " |"
-        )
+    lines += ["| " + " | ".join(_table_row(r, study.budget_tokens)) + " |" for r in rows]
+    over = [r["variant"] for r in rows if (r.get("epochs") or 0) > 1]
+    if over:
+        lines += ["", f"Note: {', '.join(over)} trained more than one epoch of the data (repeated tokens)."]
     return "\n".join(lines) + "\n"
 
 
@@ -848,23 +881,22 @@ def plot_study(rows: Sequence[dict[str, Any]], out_png: str | Path, title: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = []
-    for r in rows:
-        if "total_flops" in r:
-            curves.append((r, load_curve(r["run_dir"])))
+    curves = [(r, load_curve(r["run_dir"])) for r in rows if "total_flops" in r]
     if not curves:
         raise ValueError("no finished run with validation records to plot")
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(17, 6))
     budget = curves[0][0]["budget_flops"]
     target = next((r.get("target_loss") for r, _ in curves if r.get("target_loss") is not None), None)
+    cmap = plt.get_cmap("tab20")
     for i, (r, c) in enumerate(curves):
-        scratch = r["op"] == SCRATCH
-        style = {"color": "black", "lw": 2.2, "zorder": 5} if scratch else {"color": f"C{i % 10}", "lw": 1.3}
+        if r["op"] == SCRATCH:
+            style = {"color": "black", "lw": 2.4, "zorder": 5}
+        else:
+            # 20 colours, and a second line style past them, so every run stays distinguishable.
+            style = {"color": cmap(i % 20), "lw": 1.3, "ls": "-" if i < 20 else "--"}
         label = r["variant"]
-        if not scratch and r.get("speedup") is not None:
-            label += f" ({r['speedup']:+.0%})"
-        elif not scratch and "reached" in r:
-            label += " (not reached)"
+        if r["op"] != SCRATCH and "reached" in r:
+            label += f" ({r['speedup']:+.0%})" if r["speedup"] is not None else " (not reached)"
         for ax in axes:
             ax.plot(c.flops, c.loss, label=label, **style)
             for gf in c.growth_flops:
@@ -884,10 +916,10 @@ def plot_study(rows: Sequence[dict[str, Any]], out_png: str | Path, title: str =
             pad = 0.05 * (max(tail) - min(tail) or 1.0)
             ax.set_xlim(lo_x, max(max(c.flops) for _, c in curves) * 1.01)
             ax.set_ylim(min(tail) - pad, max(tail) + pad)
-            ax.set_title("last 60% of the budget (★ = growth; dotted: scratch final loss, budget)")
+            ax.set_title("last 60% of the budget (dotted: scratch final loss, budget)")
         else:
-            ax.set_title("validation loss vs FLOPs (★ = growth)")
-    axes[1].legend(fontsize=8, loc="upper right")
+            ax.set_title("validation loss vs FLOPs (★ = growth; legend: speedup at equal loss)")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(curves) <= 16 else 2)
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_png)
@@ -906,9 +938,11 @@ def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
     return ys[-1]
 
 
-def write_report(result: StudyResult, study: StudyConfig, *, plot: bool = True, ema: float = 0.0) -> StudyResult:
+def write_report(
+    result: StudyResult, study: StudyConfig, *, plot: bool = True, ema: float = 0.0, train_tokens: int | None = None
+) -> StudyResult:
     """Write runs.jsonl, study.md (and study.png) for the outcomes so far; fills result.rows."""
-    rows = analyze(result.outcomes, ema)
+    rows = analyze(result.outcomes, ema, train_tokens)
     result.rows = rows
     _write_text(result.runs_jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     _write_text(result.table, study_table(rows, study))

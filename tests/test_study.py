@@ -199,14 +199,20 @@ def test_shipped_configs_plan_equal_flops_and_data_order(path, tmp_path):
     names = [r.variant.name for r in runs]
     assert names[0] == "scratch" and len(set(names)) == len(names)
     ops = {r.variant.op for r in runs}
-    assert {"stack", "interpolate", "partial", "zero", "random"} <= ops
-    grown = [r.config.growth for r in runs[1:]]
+    assert {"stack", "interpolate", "partial", "zero", "random", "base"} <= ops
+    grown = [r.config.growth for r in runs if r.variant.grows]
+    assert all(g.enabled for g in grown) and not any(r.config.growth.enabled for r in runs if not r.variant.grows)
     assert any(g.noise == pytest.approx(0.2) for g in grown)
     assert {g.optimizer for g in grown} == {"copy", "reset"}
     assert {"continue", "rewarm"} <= {g.schedule for g in grown}
-    assert len({r.growth_tokens for r in runs[1:]}) >= 3  # planner timing and alternatives
+    assert len({r.growth_tokens for r in runs if r.variant.grows}) >= 3  # planner timing and alternatives
     t = study.target
     f_l = flops_per_token(t.model, t.data.seq_len)
+    base = next(r for r in runs if r.variant.op == "base")
+    assert base.config.model == study.base and base.max_steps > 2 * t.train.max_steps
+    assert abs(base.planned_flops - base.budget_flops) <= 0.5 * study.tokens_per_step * flops_per_token(
+        study.base, t.data.seq_len
+    )
     for r in runs:
         c = r.config
         assert (c.data, c.train.seed, c.train.eval_batches, c.train.eval_every) == (

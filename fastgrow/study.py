@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "Comparison",
     "Curve",
     "PlannedRun",
     "RunOutcome",
@@ -154,6 +156,9 @@ class StudyConfig:
     factor: int = 4
     name: str = "study"
     prepare: dict[str, Any] | None = None  # how to make data.data_dir when it is missing
+    # False: delete a run's checkpoints once it has finished (its marker and metrics are all a study
+    # needs; a ~100M-parameter run's checkpoints are GBs and a study has a dozen runs).
+    keep_checkpoints: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 2:
@@ -187,7 +192,7 @@ class StudyConfig:
 
 
 _VARIANT_KEYS = {f.name for f in dataclasses.fields(Variant)}
-_STUDY_KEYS = {"name", "factor", "prepare"}
+_STUDY_KEYS = {"name", "factor", "prepare", "keep_checkpoints"}
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -241,7 +246,14 @@ def load_study(path: str | Path) -> StudyConfig:
         factor=study.get("factor", 4),
         name=str(study.get("name", p.stem)),
         prepare=prep,
+        keep_checkpoints=_bool(study.get("keep_checkpoints", True), f"{p}: study.keep_checkpoints"),
     )
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{name} must be true or false, got {v!r}")
+    return v
 
 
 # --- timing and equal-FLOPs budgets ------------------------------------------------------------------
@@ -618,7 +630,7 @@ def _reuse_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     return diffs
 
 
-def _execute(run: PlannedRun, device: str | None, echo: bool) -> RunOutcome:
+def _execute(run: PlannedRun, device: str | None, echo: bool, keep_checkpoints: bool = True) -> RunOutcome:
     """Run one planned run to completion, reusing or resuming what its directory holds."""
     from fastgrow.checkpoint import latest_checkpoint
     from fastgrow.train import TrainingAborted, train
@@ -658,6 +670,11 @@ def _execute(run: PlannedRun, device: str | None, echo: bool) -> RunOutcome:
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write_text(marker, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    if not keep_checkpoints:
+        from fastgrow.checkpoint import list_checkpoints
+
+        for ckpt in list_checkpoints(run.run_dir):  # complete step-N dirs of this run only, after the marker
+            shutil.rmtree(ckpt)
     return RunOutcome(run, status, wall, error)
 
 
@@ -744,7 +761,7 @@ def run_study(
                 + (f", grow at step {run.growth_step}" if run.growth_step else ""),
                 file=sys.stderr,
             )
-        outcome = _execute(run, device, echo)
+        outcome = _execute(run, device, echo, study.keep_checkpoints)
         outcomes.append(outcome)
         if outcome.status == "interrupted":
             interrupted = True
@@ -947,5 +964,8 @@ def write_report(
     _write_text(result.runs_jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     _write_text(result.table, study_table(rows, study))
     if plot and any("total_flops" in r for r in rows):
-        plot_study(rows, result.plot, title=f"growth study {study.name}: validation loss at equal FLOPs")
+        try:
+            plot_study(rows, result.plot, title=f"growth study {study.name}: validation loss at equal FLOPs")
+        except ImportError as e:  # the GPU machine has no matplotlib: plot later with --report-only
+            print(f"[study] no plot ({e}); run again with --report-only where matplotlib is installed", file=sys.stderr)
     return result

@@ -314,3 +314,58 @@ def test_cpu_study_end_to_end_reuse_and_resume(tiny_data, tmp_path, one_thread):
     for r in rows:
         assert f"| {r['variant']} |" in report and f"{r['final_val_loss']:.4f}" in report
     assert script.main(["--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_interrupted_and_aborted_runs_without_training(tmp_path, monkeypatch):
+    """The study's bookkeeping around train(): SIGTERM stops the study (no marker, later runs pending, the
+    next call resumes); a run aborted on non-finite losses is recorded and not retried; with
+    keep_checkpoints = false a finished run's checkpoints are deleted after its marker is written."""
+    import types
+
+    import fastgrow.train as train_mod
+
+    calls: list[tuple[str, bool]] = []
+
+    def fake_train(cfg, *, resume=False, device=None, echo=True, until_step=None):
+        out = Path(cfg.train.out_dir)
+        calls.append((out.name, resume))
+        ckpt = out / "step-00000010"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "manifest.json").write_text("{}")
+        if out.name == "stack" and not resume:
+            return types.SimpleNamespace(interrupted=True)  # SIGTERM: checkpoint saved, loop left
+        if out.name == "zero":
+            raise train_mod.TrainingAborted("5 consecutive non-finite steps")
+        # A power-law validation curve reaching the budget; the grown run's is 1.5x "faster".
+        budget = 1e12
+        shift = 1.0 if out.name == "scratch" else 1.5
+        with open(out / "metrics.jsonl", "w") as f:
+            for i in range(1, 11):
+                x = budget * i / 10
+                f.write(
+                    json.dumps({"kind": "val", "step": i, "tokens": i, "flops": x, "val_loss": 9 * (shift * x) ** -0.1})
+                )
+                f.write("\n")
+        return types.SimpleNamespace(interrupted=False)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    study = dataclasses.replace(load_study(CPU_TOML), keep_checkpoints=False, prepare=None)
+    out = tmp_path / "s"
+    first = run_study(study, out, only=["stack", "zero"], echo=False, plot=False, train_runs=True)
+    assert first.interrupted
+    assert [o.status for o in first.outcomes] == ["done", "interrupted", "pending"]
+    assert not (out / "stack" / "study_done.json").exists() and (out / "stack" / "step-00000010").is_dir()
+    assert not (out / "scratch" / "step-00000010").exists()  # finished: checkpoints deleted
+    assert "| stack |" in (out / "study.md").read_text()
+
+    second = run_study(study, out, only=["stack", "zero"], echo=False, plot=False)
+    assert not second.interrupted
+    assert [o.status for o in second.outcomes] == ["reused", "done", "aborted"]
+    assert calls == [("scratch", False), ("stack", False), ("stack", True), ("zero", False)]
+    rows = {r["variant"]: r for r in second.rows}
+    assert rows["stack"]["speedup"] == pytest.approx(0.5, abs=1e-9)
+    assert "non-finite" in rows["zero"]["error"] and "speedup" not in rows["zero"]
+
+    third = run_study(study, out, only=["stack", "zero"], echo=False, plot=False)
+    assert [o.status for o in third.outcomes] == ["reused", "reused", "aborted"]
+    assert len(calls) == 4  # nothing ran again

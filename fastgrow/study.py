@@ -99,7 +99,9 @@ _REUSE_STRICT = ("train.eval_batches",)
 
 @dataclass(frozen=True)
 class Variant:
-    """One run of a study. op "scratch" is the target trained from scratch; the others grow the base.
+    """One run of a study. op "scratch" is the target trained from scratch (the reference), "base" the base
+    model trained alone for the whole budget (a control: is growing better than not growing?), and the
+    growth ops (stack, interpolate, partial, sources, zero, random) grow the base into the target.
 
     timing: "planner", "planner*X", "planner/X", "XD" (fraction of the scratch token budget) or tokens.
     rewarm_steps: for schedule "rewarm" (0: the run's train.warmup_steps).
@@ -169,6 +171,8 @@ class StudyConfig:
             )
         if self.target.growth.enabled:
             raise ConfigError("the study's [growth] section must be empty: growth is set per [[variant]]")
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigError(f"study.name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
         names = [v.name for v in self.variants]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -679,6 +683,8 @@ def _execute(run: PlannedRun, device: str | None, echo: bool, keep_checkpoints: 
 
 
 def ensure_data(study: StudyConfig, echo: bool) -> None:
+    """Make sure data.data_dir holds prepared token shards: prepare them from [study.prepare] if missing
+    (this needs `datasets`, so on a machine without it prepare elsewhere and copy the folder)."""
     data_dir = Path(study.target.data.data_dir)
     if (data_dir / "meta.json").is_file():
         return

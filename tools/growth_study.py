@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_study(
             study, out, only=only, device=args.device, echo=not args.quiet, train_runs=not args.report_only
         )
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ImportError, ValueError) as e:
         if os.environ.get("FASTGROW_DEBUG"):
             raise
         print(f"growth_study: error: {e}", file=sys.stderr)

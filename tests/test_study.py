@@ -1,5 +1,6 @@
-"""Growth study: the speedup math on synthetic curves with known answers, equal-FLOPs budgets, config
-validation, and the CPU study config end to end (scratch, stack, zero), with reuse and resume."""
+"""Growth study (fastgrow.study, fastgrow.speedup, tools/growth_study.py): the speedup math on synthetic
+curves with known answers, equal-FLOPs budgets, config validation, and the CPU study config end to end
+(scratch, stack, zero), with reuse and resume."""
 
 from __future__ import annotations
 
@@ -14,20 +15,15 @@ import pytest
 
 from fastgrow.config import ConfigError
 from fastgrow.model import flops_per_token
+from fastgrow.speedup import Curve, envelope, flops_to_reach, loss_at, read_records, speedup_at_equal_loss
 from fastgrow.study import (
-    Curve,
     StudyConfig,
     Variant,
-    envelope,
     equal_flops_steps,
-    flops_to_reach,
     load_study,
-    loss_at,
     plan_study,
-    read_records,
     resolve_timing,
     run_study,
-    speedup_at_equal_loss,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

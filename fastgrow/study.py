@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fastgrow.config import ConfigError, GrowthConfig, ModelConfig, RunConfig, parse_count, preset
-from fastgrow.speedup import Curve, load_curve, speedup_at_equal_loss
+from fastgrow.speedup import Curve, load_curve, read_records, speedup_at_equal_loss
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -638,8 +638,11 @@ def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0, train_tokens: int 
     """One row per run: its plan and status, and where it has a validation curve its final loss, FLOPs,
     epochs (with train_tokens, the size of the training split), speedup and loss gap vs scratch."""
     curves: dict[str, Curve] = {}
+    speeds: dict[str, dict[str, float | None]] = {}
     for o in outcomes:
-        if o.status in ("done", "reused", "aborted") and (o.run.run_dir / "metrics.jsonl").is_file():
+        log = o.run.run_dir / "metrics.jsonl"
+        if o.status in ("done", "reused", "aborted") and log.is_file():
+            speeds[o.run.variant.name] = _throughput(read_records(log))
             # A run without validation records has no curve (it is still listed).
             with contextlib.suppress(ValueError):
                 curves[o.run.variant.name] = load_curve(o.run.run_dir)
@@ -649,6 +652,7 @@ def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0, train_tokens: int 
         row = o.run.record()
         row.update(status=o.status, wall_s=o.wall_s, error=o.error, run_dir=str(o.run.run_dir))
         row["epochs"] = row["tokens"] / train_tokens if train_tokens else None
+        row.update(speeds.get(o.run.variant.name, {}))
         c = curves.get(o.run.variant.name)
         if c is not None:
             finite = [x for x in c.loss if math.isfinite(x)]
@@ -673,6 +677,21 @@ def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0, train_tokens: int 
             )
         rows.append(row)
     return rows
+
+
+def _throughput(recs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean logged tokens/s of the (final) target phase and of the small phase before growth; the first
+    logged window of each phase is left out (it holds warm-up: kernel compilation, allocator growth)."""
+    grow_step = next((r["step"] for r in recs if r.get("kind") == "growth"), None)
+    train = [r for r in recs if r.get("kind") == "train" and r.get("tokens_per_s") is not None]
+    before = [r["tokens_per_s"] for r in train if grow_step is not None and r["step"] <= grow_step]
+    after = [r["tokens_per_s"] for r in train if grow_step is None or r["step"] > grow_step]
+
+    def mean(xs: list[float]) -> float | None:
+        xs = [x for x in (xs[1:] or xs) if math.isfinite(x)]
+        return sum(xs) / len(xs) if xs else None
+
+    return {"tokens_per_s": mean(after), "tokens_per_s_before_growth": mean(before) if before else None}
 
 
 def _fmt(x: float | None, spec: str, none: str = "—") -> str:

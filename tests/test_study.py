@@ -256,6 +256,7 @@ def test_cpu_study_end_to_end_reuse_and_resume(tiny_data, tmp_path, one_thread):
         assert r["total_flops"] == pytest.approx(plan[r["variant"]].planned_flops, rel=1e-9)
         assert abs(r["flops_ratio"] - 1) < 0.01
         assert math.isfinite(r["final_val_loss"]) and r["evals"] >= 10
+        assert r["tokens_per_s"] > 0 and (r["tokens_per_s_before_growth"] is None) == (r["variant"] == "scratch")
         assert r["config"]["data"] == rows[0]["config"]["data"]
     scratch, stack, zero = rows
     assert scratch["speedup"] == pytest.approx(0.0, abs=1e-12) and scratch["loss_gap"] == pytest.approx(0.0)

@@ -20,7 +20,6 @@ as the newest complete one. The newest `keep` complete checkpoints are kept.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from fastgrow import __version__
 from fastgrow.config import ConfigError, ModelConfig, RunConfig
+from fastgrow.fsutil import fsync_dir, fsync_file, sha256_file, write_json_durable
 from fastgrow.model import Transformer
 from fastgrow.optim import LRSchedule, build_optimizer
 from fastgrow.state import TrainState
@@ -67,42 +67,6 @@ class CheckpointError(RuntimeError):
 
 
 # --- small file helpers ------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --- state <-> tensors ---------------------------------------------------------------------------------
@@ -223,19 +187,19 @@ def save_checkpoint(
             "model_config": state.model.cfg.architecture(),
             "rng": _rng_state(),
         }
-        _write_json(tmp / "state.json", meta)
+        write_json_durable(tmp / "state.json", meta)
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         files = {}
         for f in sorted(tmp.iterdir()):
-            _fsync_file(f)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-        _write_json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": state.step, "files": files})
-        _fsync_dir(tmp)
+            fsync_file(f)
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        write_json_durable(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": state.step, "files": files})
+        fsync_dir(tmp)
         if final.exists():  # an earlier checkpoint of the same step (e.g. re-saved after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,7 +245,7 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
     return manifest
 

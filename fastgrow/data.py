@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import os
 import platform
 import random
@@ -75,6 +74,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fastgrow.fsutil import fsync_dir, fsync_file, sha256_file, write_json_durable
 
 FORMAT_NAME = "fastgrow-tokens"
 FORMAT_VERSION = 1
@@ -391,28 +392,6 @@ def _spill_batches(path: Path) -> Iterator[list[str]]:
         yield batch
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    _fsync_file(path)
-
-
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _ShardWriter:
     """Appends token ids to fixed-capacity shard files, hashing as it writes."""
 
@@ -464,14 +443,6 @@ class _ShardWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -546,13 +517,13 @@ def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         except BaseException:
             os.replace(old, out_dir)  # put the previous data back
             raise
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         if state == "empty":
             out_dir.rmdir()
         os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
 
 
 def prepare(
@@ -613,7 +584,7 @@ def prepare(
             tok.save(str(tok_path))
         else:
             shutil.copyfile(tokenizer, tok_path)
-        _fsync_file(tok_path)
+        fsync_file(tok_path)
         # Text that literally contains the EOS string must not become the EOS id.
         tok.encode_special_tokens = True
         eos_id = tok.token_to_id(eos_token)
@@ -668,8 +639,8 @@ def prepare(
             "skipped_records": stats.skipped_records,
             "fastgrow_version": _version(),
         }
-        _write_json(tmp / META_FILE, meta)  # last: its presence marks the directory complete
-        _fsync_dir(tmp)
+        write_json_durable(tmp / META_FILE, meta, indent=2)  # last: its presence marks the directory complete
+        fsync_dir(tmp)
         _install(tmp, out_dir, overwrite)
     except BaseException:
         if writer is not None:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from fastgrow.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from fastgrow.fsutil import fsync_dir, fsync_file
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
 DEFAULT_SPECIAL_TOKEN = "<|endoftext|>"
@@ -441,8 +442,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """fsync the finished temp dir and rename it to `out`; an existing `out` is replaced only with
     overwrite (moved aside first, removed after the rename, so `out` is always whole)."""
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
     # mkdtemp makes the folder private (0700); an exported model is meant to be read by other tools/users.
     os.chmod(tmp, 0o755)
     if out.exists():
@@ -454,14 +454,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    try:  # make the rename itself durable
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        pass
+    fsync_dir(out.parent)  # make the rename itself durable
 
 
 def export_model(

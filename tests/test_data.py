@@ -267,11 +267,11 @@ def test_failure_mid_write_leaves_nothing(txt_corpus, tmp_path, monkeypatch, whe
         monkeypatch.setattr(fdata, "_ENCODE_BATCH_DOCS", 1)
     else:
 
-        def write_json(path, obj):
+        def write_json(path, obj, indent=1):
             Path(path).write_text('{"format": "fastgrow-to')  # half a file, then the crash
             raise OSError("simulated crash while writing meta.json")
 
-        monkeypatch.setattr(fdata, "_write_json", write_json)
+        monkeypatch.setattr(fdata, "write_json_durable", write_json)
     with pytest.raises(OSError, match="simulated"):
         prepare(txt_corpus[0], tmp_path / "out", vocab_size=VOCAB, progress=False)
     assert list(tmp_path.iterdir()) == []  # no out_dir, no temp dir

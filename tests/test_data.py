@@ -285,7 +285,7 @@ def test_overwrite(txt_corpus, tmp_path, monkeypatch):
         prepare(txt_corpus[0], out, vocab_size=300, progress=False)
     assert json.loads((out / "meta.json").read_text()) == first
     # A failed overwrite keeps the old data.
-    monkeypatch.setattr(fdata, "_write_json", lambda p, o: (_ for _ in ()).throw(OSError("simulated")))
+    monkeypatch.setattr(fdata, "write_json_durable", lambda p, o, indent=1: (_ for _ in ()).throw(OSError("simulated")))
     with pytest.raises(OSError, match="simulated"):
         prepare(txt_corpus[0], out, vocab_size=300, progress=False, overwrite=True)
     monkeypatch.undo()

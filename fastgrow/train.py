@@ -198,7 +198,6 @@ class _Runner:
         self.device = state.device
         self.peak = peak_flops(self.device)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-        self._compiled = None
         self._setup_model()
 
     # --- model-dependent setup (redone after growth) -------------------------------------------------
@@ -256,6 +255,7 @@ class _Runner:
         window_steps = 0
         window_tokens = 0
         window_start = time.perf_counter()
+        paused = 0.0  # seconds of eval/checkpointing inside the current window, kept out of tokens/s
         last_norm = torch.zeros((), device=self.device)
         pbar = self._progress_bar()
         try:
@@ -265,7 +265,7 @@ class _Runner:
                         self._grow(log)
                         window_loss.zero_()
                         window_bad.zero_()
-                        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                        window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
                     loss, gnorm, consec_bad = self.step(consec_bad)
                     window_loss += torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
                     window_bad += (~torch.isfinite(gnorm) | ~torch.isfinite(loss)).float()
@@ -277,7 +277,7 @@ class _Runner:
                     if self.state.step % tcfg.log_every == 0 or self.state.step == self.stop:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
-                        elapsed = time.perf_counter() - window_start
+                        elapsed = time.perf_counter() - window_start - paused
                         rec = self._train_record(window_loss, window_bad, window_steps, window_tokens, elapsed)
                         rec["grad_norm"] = float(last_norm)
                         self._emit(log, rec, pbar)
@@ -291,18 +291,18 @@ class _Runner:
                             )
                         window_loss.zero_()
                         window_bad.zero_()
-                        window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+                        window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
                     elif not self.fused and bool(consec_bad >= tcfg.max_bad_steps):
                         raise TrainingAborted(
                             f"{int(consec_bad)} consecutive non-finite steps up to step {self.state.step}; aborting "
                             f"(train.max_bad_steps={tcfg.max_bad_steps})"
                         )
+                    t_pause = time.perf_counter()
                     if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
                         self._eval(log, pbar)
-                        window_start = time.perf_counter()  # keep eval time out of tokens/s
                     if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
                         last_ckpt = self._save()
-                        window_start = time.perf_counter()
+                    paused += time.perf_counter() - t_pause
                     if sigterm.hit:
                         interrupted = True
                         break

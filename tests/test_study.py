@@ -313,7 +313,7 @@ def test_cpu_study_end_to_end_reuse_and_resume(tiny_data, tmp_path, one_thread):
     assert script.main(["--config", str(tmp_path / "missing.toml")]) == 2
 
 
-def test_interrupted_and_aborted_runs_without_training(tmp_path, monkeypatch):
+def test_interrupted_and_aborted_runs_without_training(tmp_path, monkeypatch, tiny_data):
     """The study's bookkeeping around train(): SIGTERM stops the study (no marker, later runs pending, the
     next call resumes); a run aborted on non-finite losses is recorded and not retried; with
     keep_checkpoints = false a finished run's checkpoints are deleted after its marker is written."""
@@ -346,7 +346,7 @@ def test_interrupted_and_aborted_runs_without_training(tmp_path, monkeypatch):
         return types.SimpleNamespace(interrupted=False)
 
     monkeypatch.setattr(train_mod, "train", fake_train)
-    study = dataclasses.replace(load_study(CPU_TOML), keep_checkpoints=False, prepare=None)
+    study = dataclasses.replace(_cpu_study(tiny_data), keep_checkpoints=False, prepare=None)
     out = tmp_path / "s"
     first = run_study(study, out, only=["stack", "zero"], echo=False, plot=False, train_runs=True)
     assert first.interrupted

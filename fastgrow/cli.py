@@ -119,6 +119,26 @@ def cmd_import(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+# --- benchmarks ------------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench").is_dir():
+        raise FileNotFoundError(f"no bench/ folder next to the package ({root}): benchmarks run from a source checkout")
+    cmd = [sys.executable, "-m", "pytest", "bench", "-q", "--benchmark-only"]
+    if args.k:
+        cmd += ["-k", args.k]
+    env = dict(os.environ)
+    if args.out:
+        env["FASTGROW_BENCH_OUT"] = str(Path(args.out).resolve())
+        cmd += [f"--benchmark-json={Path(args.out).resolve() / 'bench.json'}"]
+    return subprocess.call(cmd, cwd=root, env=env)
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 
 
@@ -173,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_ckpt", help="run directory to create the checkpoint in (becomes train.out_dir)")
     _add_config_args(p)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("bench", help="run the benchmarks (pytest bench --benchmark-only) from a source checkout")
+    p.add_argument("-k", help="only benchmarks matching this pytest -k expression (e.g. rmsnorm, attention, e2e)")
+    p.add_argument("--out", help="also write JSON results (pytest-benchmark + per-benchmark JSONL) to this folder")
+    p.set_defaults(func=cmd_bench)
 
     from fastgrow.grow_cli import add_growth_commands
 

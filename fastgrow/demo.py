@@ -115,7 +115,7 @@ def run_demo(
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     if steps is None:
-        steps = 2000 if cuda else 240
+        steps = 2000 if cuda else 400
     _ensure_data(data_dir)
     cfg = apply_overrides(demo_config(out_dir, data_dir, steps, grow, cuda), list(overrides))
     _fresh_run_dir(cfg.train.out_dir)

@@ -289,6 +289,13 @@ def load_checkpoint(
     saved_cfg = meta["config"]
     if config is not None:
         diffs = config_differences(saved_cfg, config)
+        auto = saved_cfg.get("growth", {}).get("at_tokens") == "auto"
+        if auto and not meta["growth_history"] and saved_cfg["train"]["max_steps"] != config.train.max_steps:
+            # "auto" growth timing is computed from the run's token budget: it would move.
+            diffs.append(
+                f"train.max_steps: checkpoint {saved_cfg['train']['max_steps']} vs now {config.train.max_steps} "
+                '(cannot change before an at_tokens = "auto" growth event, whose timing depends on it)'
+            )
         if diffs:
             raise ConfigError(f"resume config mismatch with {ckpt}: " + "; ".join(diffs))
         run_cfg = config

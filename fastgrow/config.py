@@ -236,6 +236,10 @@ class GrowthConfig:
             f"growth.schedule must be continue|rewarm|restart, got {self.schedule!r}",
         )
         _check(self.rewarm_steps >= 0, f"growth.rewarm_steps must be >= 0, got {self.rewarm_steps}")
+        _check(
+            self.schedule != "rewarm" or self.rewarm_steps >= 1,
+            'growth.schedule = "rewarm" needs growth.rewarm_steps >= 1',
+        )
 
     @property
     def enabled(self) -> bool:

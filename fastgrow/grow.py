@@ -51,7 +51,7 @@ import torch
 from fastgrow.config import GrowthConfig, ModelConfig, RunConfig
 from fastgrow.grow_depth import NEW_BLOCK, connection_rate, depth_sources, parse_spec, stack_sources
 from fastgrow.grow_width import WIDTH_OPS, WidthMap, check_direct
-from fastgrow.model import Transformer
+from fastgrow.model import Transformer, flops_per_token
 from fastgrow.optim import LRSchedule, build_optimizer
 from fastgrow.state import TrainState
 
@@ -360,6 +360,9 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
         "spec": plan.to_dict(),
         "sources": list(r.sources),
         "connection_rate": connection_rate(r.sources) if len(r.sources) > 1 else None,
+        # FLOPs per token of the model before growth, so FLOPs-so-far counts each phase at its own size
+        # (also for checkpoints grown offline).
+        "flops_per_token_before": flops_per_token(r.src, state.config.data.seq_len),
         "params_before": r.src.num_params(),
         "params_after": r.dst.num_params(),
         "model_before": r.src.architecture(),
@@ -489,13 +492,17 @@ def grow_checkpoint(
     schedule, so `fastgrow train --resume` on it continues exactly as a run that grew at that step
     would. The caller's global RNG state is left as it was. Returns the written step directory.
     """
-    from fastgrow.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 
     src = resolve_checkpoint(in_path)
     out = Path(out_path)
     if out.resolve() == src.parent.resolve():
         # save_checkpoint would replace the source's own step-N directory.
         raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
+    existing = latest_checkpoint(out)
+    if existing is not None:
+        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
+        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:

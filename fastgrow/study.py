@@ -126,6 +126,7 @@ class Variant:
                     noise=self.noise,
                     optimizer=self.optimizer,
                     schedule=self.schedule,
+                    rewarm_steps=max(1, self.rewarm_steps),  # 0 means "the run's warmup", resolved later
                 )
             except ConfigError as e:
                 raise ConfigError(f"variant {self.name}: {e}") from None

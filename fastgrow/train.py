@@ -90,6 +90,10 @@ def _autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _ckpt_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
 def _growth_due(state: TrainState, at_tokens: int) -> bool:
     return bool(at_tokens) and not state.growth_history and state.tokens >= at_tokens
 
@@ -102,6 +106,16 @@ def resolve_growth_tokens(cfg: RunConfig) -> int:
 
         return auto_growth_tokens(cfg)
     return int(at)
+
+
+def _check_growth_plan(cfg: RunConfig, state: TrainState) -> None:
+    """Resolve the [growth] plan against the model now, so a bad plan fails at start, not at the event."""
+    from fastgrow.grow import plan_from_config, resolve_plan
+
+    try:
+        resolve_plan(plan_from_config(cfg.growth, state.model.cfg), state.model.cfg)
+    except ValueError as e:
+        raise ConfigError(f"[growth]: {e}") from None
 
 
 def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainState:
@@ -153,6 +167,8 @@ def train(
             f"set --model.vocab_size={data.vocab_size} or more"
         )
     state = prepare_state(cfg, resume, dev)
+    if cfg.growth.enabled and not state.growth_history:
+        _check_growth_plan(cfg, state)
     tcfg = cfg.train
     out_dir = Path(tcfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +228,7 @@ class _Runner:
         self.state.model.train()
 
     # --- one optimizer step ----------------------------------------------------------------------------
-    def step(self, consec_bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, consec_bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, state = self.cfg, self.state
         accum = cfg.train.grad_accum
         set_lr(state.optimizer, state.schedule.lr_at(state.step))
@@ -241,15 +257,19 @@ class _Runner:
         consec_bad = (consec_bad + 1) * bad  # consecutive non-finite steps, reset by a good one
         state.step += 1
         state.tokens += self.tokens_per_step
-        return loss_mean, gnorm.detach().float(), consec_bad
+        return loss_mean, gnorm.detach().float(), bad, consec_bad
 
     # --- the loop ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         tcfg = self.cfg.train
         log = MetricsLog(self.out_dir / "metrics.jsonl")
         interrupted = False
-        last_ckpt: Path | None = None
-        consec_bad = torch.zeros((), device=self.device)
+        start_step = self.state.step
+        latest = latest_checkpoint(self.out_dir)
+        # The checkpoint this state came from (a resume): no need to write it again if no step is taken.
+        last_ckpt: Path | None = latest if latest is not None and latest.name == _ckpt_name(start_step) else None
+        consec_bad = torch.full((), float(self.state.bad_steps), device=self.device)
+        max_run = consec_bad.clone()
         window_loss = torch.zeros((), device=self.device)
         window_bad = torch.zeros((), device=self.device)
         window_steps = 0
@@ -266,9 +286,12 @@ class _Runner:
                         window_loss.zero_()
                         window_bad.zero_()
                         window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
-                    loss, gnorm, consec_bad = self.step(consec_bad)
-                    window_loss += torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-                    window_bad += (~torch.isfinite(gnorm) | ~torch.isfinite(loss)).float()
+                    loss, gnorm, bad, consec_bad = self.step(consec_bad)
+                    window_loss += torch.where(bad, torch.zeros_like(loss), loss)
+                    window_bad += bad.float()
+                    # Longest run of bad steps in this window, so a run that ends between log steps still
+                    # aborts (on CUDA the check waits for the next log step; no per-step sync).
+                    max_run = torch.maximum(max_run, consec_bad)
                     last_norm = gnorm
                     window_steps += 1
                     window_tokens += self.tokens_per_step
@@ -281,8 +304,9 @@ class _Runner:
                         rec = self._train_record(window_loss, window_bad, window_steps, window_tokens, elapsed)
                         rec["grad_norm"] = float(last_norm)
                         self._emit(log, rec, pbar)
-                        n_bad_run = int(consec_bad.item())
-                        self.state.bad_steps = n_bad_run
+                        n_bad_run = int(max_run.item())
+                        self.state.bad_steps = int(consec_bad.item())
+                        max_run = consec_bad.clone()
                         if n_bad_run >= tcfg.max_bad_steps:
                             raise TrainingAborted(
                                 f"{n_bad_run} consecutive non-finite steps (loss or grad norm) up to step "
@@ -301,16 +325,22 @@ class _Runner:
                     if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
                         self._eval(log, pbar)
                     if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
-                        last_ckpt = self._save()
+                        last_ckpt = self._save(consec_bad)
                     paused += time.perf_counter() - t_pause
                     if sigterm.hit:
                         interrupted = True
                         break
                 finished = self.state.step >= tcfg.max_steps
-                if finished and not interrupted and (not tcfg.eval_every or self.state.step % tcfg.eval_every):
+                stepped = self.state.step > start_step
+                if (
+                    finished
+                    and stepped
+                    and not interrupted
+                    and (not tcfg.eval_every or self.state.step % tcfg.eval_every)
+                ):
                     self._eval(log, pbar)
-                if last_ckpt is None or last_ckpt.name != f"step-{self.state.step:08d}":
-                    last_ckpt = self._save()
+                if last_ckpt is None or last_ckpt.name != _ckpt_name(self.state.step):
+                    last_ckpt = self._save(consec_bad)
         finally:
             if pbar is not None:
                 pbar.close()
@@ -394,8 +424,9 @@ class _Runner:
             pbar,
         )
 
-    def _save(self) -> Path:
+    def _save(self, consec_bad: torch.Tensor) -> Path:
         self.state.cursor = self.loader.state_dict()
+        self.state.bad_steps = int(consec_bad.item())  # a checkpoint is a sync point anyway
         return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
 
     def _grow(self, log: MetricsLog) -> None:
@@ -415,7 +446,6 @@ class _Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        self.state.growth_history[-1]["flops_per_token_before"] = flops_tok_before
         self._setup_model()
         rec = {
             "kind": "growth",

@@ -67,9 +67,12 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     `reshape` returns a view whenever the leading dims collapse into one stride (contiguous tensors,
     slices of the last dim such as the halves of a packed gate/up output, strided row selections) and
     copies only when they cannot (e.g. a transposed batch/sequence), which a single row stride cannot
-    describe. The last-dim stride is kept, so column-strided views need no copy either.
+    describe. A column stride other than 1 is copied to unit stride too: such loads are uncoalesced
+    (one 32-byte sector per element), and `col * stride` in int32 can overflow 2^31 on large tensors
+    (e.g. the transpose of a [4096, 2^20] tensor).
     """
-    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(1) == 1 or t2.shape[1] <= 1 else t2.contiguous()
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -201,6 +201,8 @@ def _launch_fwd(
         return h, y, rstd
     x2 = as_rows(x)
     r2 = as_rows(residual) if residual is not None else x2
+    if weight is not None:
+        weight = weight.contiguous()  # the kernels index W with unit stride (a no-op for parameters)
     m = x2.shape[0]
     block_n, rows, num_warps, _ = _launch_config(n)
     with device_guard(x):
@@ -240,6 +242,8 @@ def _launch_bwd(
         return dx, dr, dw
     dy2, x2 = as_rows(dy), as_rows(xh)
     dh2 = as_rows(dh) if dh is not None else dy2
+    if weight is not None:
+        weight = weight.contiguous()  # unit-stride W in the kernel; dw is written contiguous regardless
     m = x2.shape[0]
     block_n, rows, _, num_warps = _launch_config(n)
     tiles = cdiv(m, rows)

@@ -230,3 +230,22 @@ def test_resume_after_growth_in_a_new_process(data_dir, tmp_path, straight):
     out = tmp_path / "params.pt"
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "cfg.json"), str(out)], check=True, timeout=120)
     assert_bitwise(torch.load(out), params_of(straight.state))
+
+
+def test_grow_checkpoint_refuses_a_run_directory_that_has_checkpoints(tmp_path):
+    import pytest
+    import torch
+    from conftest import tiny_run_config
+
+    from fastgrow.checkpoint import save_checkpoint
+    from fastgrow.grow import GrowPlan, grow_checkpoint
+    from fastgrow.state import build_state
+
+    st = build_state(tiny_run_config(tmp_path / "d", tmp_path / "src"), "cpu")
+    st.step = 3
+    save_checkpoint(st, tmp_path / "src")
+    st.step = 20
+    save_checkpoint(st, tmp_path / "out")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        grow_checkpoint(tmp_path / "src", tmp_path / "out", GrowPlan(depth="stack", factor=2))
+    assert torch.get_rng_state() is not None

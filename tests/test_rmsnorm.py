@@ -241,11 +241,22 @@ def test_empty_inputs():
 def test_strided_layouts_reach_the_kernel_without_a_copy():
     from fastgrow.kernels._common import as_rows
 
-    for layout in ("rowpad", "colstride", "transposed"):
+    x = make_input((2, 7, 33), torch.float32, "rowpad")  # padded rows: a view, no copy
+    assert not x.is_contiguous()
+    x2 = as_rows(x)
+    assert x2.shape == (14, 33) and x2.data_ptr() == x.data_ptr() and x2._base is not None
+    # A column stride other than 1 is copied to unit stride: uncoalesced loads, and int32 column offsets
+    # could overflow on large tensors.
+    for layout in ("colstride", "transposed"):
         x = make_input((2, 7, 33), torch.float32, layout)
-        assert not x.is_contiguous()
         x2 = as_rows(x)
-        assert x2.shape == (14, 33) and x2.data_ptr() == x.data_ptr() and x2._base is not None
+        assert x2.shape == (14, 33) and x2.stride() == (33, 1) and torch.equal(x2, x.reshape(14, 33))
+
+
+def test_non_contiguous_weight_is_read_correctly():
+    x = torch.randn(5, 64)
+    for w in (torch.full((1,), 2.0).expand(64), torch.randn(128)[::2]):
+        torch.testing.assert_close(rms_norm(x, w, EPS, impl="triton"), rms_norm_ref(x, w, EPS))
 
 
 def test_one_dim_and_non_collapsible_inputs():

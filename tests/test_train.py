@@ -187,3 +187,54 @@ def test_metrics_lines_have_the_documented_fields(tiny_data, tmp_path):
     assert tr[-1]["tokens"] == 4 * 4 * 32
     assert [r["step"] for r in recs if r["kind"] == "val"] == [2, 4]
     assert load_file(str(latest_checkpoint(tmp_path / "m") / "model.safetensors"))
+
+
+def test_device_side_skip_path_aborts_on_a_bad_run_between_log_steps(tiny_data, tmp_path, monkeypatch):
+    """The CUDA path (fused AdamW with found_inf, no per-step sync), exercised on CPU's fused AdamW."""
+    import fastgrow.state as state_mod
+    from fastgrow import model as model_mod
+
+    def fused(model, cfg):
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+
+    monkeypatch.setattr(state_mod, "build_optimizer", fused)
+    real_forward = model_mod.Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, t, y=None):
+        calls["n"] += 1
+        out = real_forward(self, t, y)
+        return out * float("nan") if 2 <= calls["n"] <= 5 else out  # 4 bad steps, then good ones
+
+    monkeypatch.setattr(model_mod.Transformer, "forward", forward)
+    cfg = tiny_run_config(tiny_data, tmp_path / "f", max_steps=8, max_bad_steps=3, log_every=8, ckpt_every=0)
+    with pytest.raises(TrainingAborted, match="4 consecutive non-finite steps"):
+        train(cfg, echo=False)
+
+
+def test_a_bad_growth_plan_fails_at_start_not_at_the_event(tiny_data, tmp_path):
+    from fastgrow.config import apply_overrides
+
+    cfg = tiny_run_config(tiny_data, tmp_path / "g")
+    cfg = apply_overrides(cfg, ["--growth.at_tokens=100000", "--growth.op=partial", "--growth.spec=12-3x"])
+    with pytest.raises(ConfigError, match=r"\[growth\]"):
+        train(cfg, echo=False)
+    assert latest_checkpoint(tmp_path / "g") is None
+
+
+def test_auto_growth_timing_pins_max_steps_until_the_run_has_grown(tiny_data, tmp_path):
+    from fastgrow.config import apply_overrides
+
+    cfg = apply_overrides(tiny_run_config(tiny_data, tmp_path / "a"), ["--growth.at_tokens=auto"])
+    train(cfg, echo=False, until_step=1)
+    longer = apply_overrides(cfg, ["--train.max_steps=50"])
+    with pytest.raises(ConfigError, match='at_tokens = "auto"'):
+        train(longer, resume=True, echo=False)
+
+
+def test_a_resume_that_takes_no_step_keeps_its_checkpoint(tiny_data, tmp_path):
+    cfg = tiny_run_config(tiny_data, tmp_path / "n", ckpt_every=0)
+    first = train(cfg, echo=False, until_step=3).checkpoint
+    mtime = (first / "manifest.json").stat().st_mtime_ns
+    again = train(cfg, resume=True, echo=False, until_step=3)
+    assert again.checkpoint == first and (first / "manifest.json").stat().st_mtime_ns == mtime

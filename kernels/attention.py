@@ -106,6 +106,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Grid axis 1 is batch * heads (kv heads in the dK/dV pass); CUDA caps grid y at 65535.
+_MAX_GRID_Y = 65535
+
+
 def _check_offsets(*ts: torch.Tensor) -> None:
     for t in ts:
         if t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[3] * abs(t.stride(3)) >= 2**31:
@@ -253,6 +257,8 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(out)
+        elif do.shape[1] > 0 and (do.shape[1] - 1) * abs(do.stride(1)) + do.shape[3] * abs(do.stride(3)) >= 2**31:
+            do = do.contiguous()  # a layout whose int32 offsets would overflow (e.g. a permuted view)
         if dlse is not None:
             dlse = dlse.float().contiguous()
         if torch.compiler.is_compiling():
@@ -376,7 +382,8 @@ def attention(
     if backend == "auto":
         # Outside the Triton envelope (other head dims; bf16 in the interpreter) auto means SDPA.
         cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        backend = "triton" if use_triton(q) and d in TRITON_HEAD_DIMS and not cpu_bf16 else "sdpa"
+        fits = d in TRITON_HEAD_DIMS and not cpu_bf16 and b * h <= _MAX_GRID_Y
+        backend = "triton" if use_triton(q) and fits else "sdpa"
 
     if b == 0 or sq == 0 or h == 0 or d == 0:
         out = q.clone()  # empty, but still part of the autograd graph
@@ -403,7 +410,15 @@ def attention(
             "bfloat16 attention cannot run in the Triton interpreter (its bf16 tl.dot is wrong): "
             "use float16/float32 or backend='sdpa'"
         )
+    if b * h > _MAX_GRID_Y:
+        raise ValueError(
+            f"batch * heads = {b * h} exceeds {_MAX_GRID_Y}, the CUDA grid-y limit the Triton attention launches "
+            "with: use backend='sdpa' (what backend='auto' does) or split the batch"
+        )
     _check_offsets(q, k, v)
+    # The output and dQ are written (b, s, h, d)-contiguous with int32 offsets inside a (batch, head) slice.
+    if sq > 0 and (sq - 1) * h * d + d >= 2**31:
+        raise ValueError(f"seq {sq} x heads {h} x head_dim {d} spans >= 2**31 elements per batch: use backend='sdpa'")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, lse = _TritonAttention.apply(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out

@@ -408,3 +408,12 @@ def test_gpu_torch_compile_fullgraph_inductor():
     traced = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for a, b in zip(traced, eager):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_grid_limit_batch_times_heads():
+    # batch * heads beyond CUDA's grid-y limit: auto falls back to SDPA, triton says why it cannot run.
+    q = torch.randn(65536, 1, 1, 32)
+    out = attention(q, q, q, causal=True)
+    assert out.shape == q.shape
+    with pytest.raises(ValueError, match="grid-y limit"):
+        attention(q, q, q, causal=True, backend="triton")

@@ -17,7 +17,7 @@ DEMO_BYTES = 4_000_000
 DEMO_VOCAB = 4096
 
 
-def demo_config(out_dir: str, data_dir: str, steps: int, grow: bool, device_is_cuda: bool) -> RunConfig:
+def demo_config(out_dir: str, data_dir: str, steps: int, grow: bool) -> RunConfig:
     name = "tiny-base" if grow else "tiny"
     cfg = preset(name)
     d = cfg.to_dict()
@@ -117,7 +117,7 @@ def run_demo(
     if steps is None:
         steps = 2000 if cuda else 400
     _ensure_data(data_dir)
-    cfg = apply_overrides(demo_config(out_dir, data_dir, steps, grow, cuda), list(overrides))
+    cfg = apply_overrides(demo_config(out_dir, data_dir, steps, grow), list(overrides))
     _fresh_run_dir(cfg.train.out_dir)
     result = train(cfg)
     records = read_metrics(Path(cfg.train.out_dir) / "metrics.jsonl")

@@ -6,7 +6,7 @@ history. `grow()` maps a TrainState to a TrainState; checkpoints save and restor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,9 +31,6 @@ class TrainState:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def with_config(self, config: RunConfig) -> TrainState:
-        return replace(self, config=config)
 
 
 def resolve_device(name: str) -> torch.device:

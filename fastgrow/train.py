@@ -22,6 +22,10 @@ import torch
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgrow.config import ConfigError, RunConfig
+
+# The token count at which the run grows (0: never; "auto": the planner's Eq. 10 timing).
+from fastgrow.grow import growth_at_tokens as resolve_growth_tokens
+from fastgrow.grow import plan_from_config, resolve_plan
 from fastgrow.loader import BatchLoader, TokenData
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
@@ -98,20 +102,8 @@ def _growth_due(state: TrainState, at_tokens: int) -> bool:
     return bool(at_tokens) and not state.growth_history and state.tokens >= at_tokens
 
 
-def resolve_growth_tokens(cfg: RunConfig) -> int:
-    """growth.at_tokens as a token count ("auto": the planner's Eq. 10 timing for this run)."""
-    at = cfg.growth.at_tokens
-    if at == "auto":
-        from fastgrow.plan import auto_growth_tokens
-
-        return auto_growth_tokens(cfg)
-    return int(at)
-
-
 def _check_growth_plan(cfg: RunConfig, state: TrainState) -> None:
     """Resolve the [growth] plan against the model now, so a bad plan fails at start, not at the event."""
-    from fastgrow.grow import plan_from_config, resolve_plan
-
     try:
         resolve_plan(plan_from_config(cfg.growth, state.model.cfg), state.model.cfg)
     except ValueError as e:
@@ -191,7 +183,7 @@ def train(
         seed=tcfg.seed,
     )
     val_batches = val_loader.val_batches(tcfg.eval_batches)
-    growth_at = resolve_growth_tokens(cfg) if cfg.growth.enabled else 0
+    growth_at = resolve_growth_tokens(cfg)
     stop = tcfg.max_steps if until_step is None else min(until_step, tcfg.max_steps)
     runner = _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop)
     return runner.run()

@@ -385,3 +385,22 @@ def test_resume_a_checkpoint_with_a_legacy_growth_table(data_dir, tmp_path, stra
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     second = train(cfg, resume=True, echo=False)
     assert_bitwise(params_of(second.state), params_of(straight.state))
+
+
+def test_a_0_layer_base_grows_in_a_run_and_the_progress_line_shows_the_loss(data_dir, tmp_path, capsys):
+    """Bu et al. 2025's 0-layer base (embeddings and head only) grown late in a WSD run with identity
+    blocks: the loss right after growth is the loss before it, and the progress bar's growth line says so."""
+    cfg = run_cfg(data_dir, tmp_path / "z", growth=(GrowthConfig(at_tokens=5 * 32, op="zero", target_layers=2),))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, n_layers=0),
+        train=dataclasses.replace(cfg.train, schedule="wsd", progress=True),
+    )
+    res = train(cfg, echo=True)
+    (g,) = [r for r in res.records if r["kind"] == "growth"]
+    assert (g["layers_before"], g["layers_after"], g["step"]) == (0, 2, 5)
+    assert g["val_loss_after"] == g["val_loss_before"]
+    err = capsys.readouterr().err
+    assert (
+        "growth[0] zero 0→2 layers" in err and f"val_loss {g['val_loss_before']:.4f} → {g['val_loss_after']:.4f}" in err
+    )

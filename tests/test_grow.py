@@ -162,13 +162,16 @@ def test_zero_depth_growth_keeps_logits_exactly(base_state):
     tok = batch(61, 5)
     base_state.model.eval()
     ref = base_state.model(tok)
-    for plan in (GrowPlan("zero", factor=3), GrowPlan("zero", spec="102030")):
+    # New blocks appended on top (factor 3: 3 old + 6 new), or where the spec's 0s put them.
+    for plan, new in ((GrowPlan("zero", factor=3), range(3, 9)), (GrowPlan("zero", spec="102030"), (1, 3, 5))):
         g = grow(base_state, plan)
         assert g.model.cfg.n_layers == (9 if plan.factor else 6)
         out = g.model(tok)
         # New blocks add exact zeros to the residual stream: bitwise equal logits.
         assert torch.equal(out, ref)
-        new = [i for i, s in enumerate(resolve_plan(plan, base_state.model.cfg).sources) if s < 0]
+        old_at = [i for i in range(g.model.cfg.n_layers) if i not in new]
+        for i, j in zip(old_at, range(3)):
+            assert torch.equal(g.model.layers[i].attn.wqkv.weight, base_state.model.layers[j].attn.wqkv.weight)
         for i in new:
             blk = g.model.layers[i]
             assert torch.count_nonzero(blk.attn.wo.weight) == 0 and torch.count_nonzero(blk.mlp.w2.weight) == 0
@@ -480,6 +483,8 @@ def test_grow_on_gpu_has_no_host_sync():
         GrowPlan("zero", factor=2, noise=0.2),
         GrowPlan("random", factor=2, target_dim=256, width="random"),
         GrowPlan("stack", factor=2, target_dim=256, target_ffn_dim=512, schedule="rewarm", rewarm_steps=5),
+        GrowPlan("none", width="zero", target_dim=256, target_ffn_dim=320),
+        GrowPlan("none", target_ffn_dim=384),  # direct, a non-integer FFN ratio (index_select path)
     ]
     for plan in plans:
         torch.cuda.set_sync_debug_mode("error")

@@ -379,13 +379,14 @@ def _describe_growth(g: dict[str, Any]) -> tuple[str, str]:
     if g.get("factor"):
         op += f" x{g['factor']}"
     op += (f" `{g['spec']}`" if g.get("spec") else "") + (f" noise {g['noise']:g}" if g.get("noise") else "")
-    sched = g["schedule"]
+    if g["schedule"] == "rewarm":
+        return op, f"rewarm {g['rewarm_steps']}"
     extras = [
         f"{k.replace('_steps', '')} {g[k]:g}" if isinstance(g[k], float) else f"{k.replace('_steps', '')} {g[k]}"
         for k in ("lr", "min_lr", "warmup_steps", "horizon_steps", "jump_to_step", "rewarm_steps")
         if g.get(k)
     ]
-    return op, sched + (f" ({', '.join(extras)})" if extras else "")
+    return op, g["schedule"] + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _table_row(r: dict[str, Any], study: StudyConfig) -> list[str]:

@@ -139,13 +139,7 @@ class Variant:
         if self.op == STAGES:
             out = []
             for i, st in enumerate(self.stage):
-                if not isinstance(st, dict):
-                    raise ConfigError(f"variant {self.name} stage {i} must be a table")
-                bad = set(st) - _STAGE_KEYS
-                if bad:
-                    raise ConfigError(
-                        f"variant {self.name} stage {i}: unknown key(s) {sorted(bad)} (known: {sorted(_STAGE_KEYS)})"
-                    )
+                _check_table(st, _STAGE_KEYS, f"variant {self.name} stage {i}")
                 if "timing" not in st:
                     raise ConfigError(f"variant {self.name} stage {i}: needs a timing")
                 out.append((st["timing"], {k: v for k, v in st.items() if k != "timing"}))
@@ -155,6 +149,14 @@ class Variant:
         fields = {"op": self.op, **{k: getattr(self, k) for k in _GROWTH_KEYS}}
         defaults = {f.name: f.default for f in dataclasses.fields(GrowthConfig)}
         return [(self.timing, {k: v for k, v in fields.items() if v != defaults.get(k)} | {"op": self.op})]
+
+
+def _check_table(table: Any, known: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    bad = set(table) - known
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)} (known: {sorted(known)})")
 
 
 def _growth_check_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -253,13 +255,7 @@ def load_study(path: str | Path) -> StudyConfig:
     target = RunConfig.from_dict(d)
     parsed = []
     for i, v in enumerate(variants):
-        if not isinstance(v, dict):
-            raise ConfigError(f"{p}: [[variant]] #{i + 1} must be a table")
-        bad = set(v) - _VARIANT_KEYS
-        if bad:
-            raise ConfigError(
-                f"{p}: [[variant]] #{i + 1}: unknown key(s) {sorted(bad)} (known: {sorted(_VARIANT_KEYS)})"
-            )
+        _check_table(v, _VARIANT_KEYS, f"{p}: [[variant]] #{i + 1}")
         if "name" not in v:
             raise ConfigError(f"{p}: [[variant]] #{i + 1} has no name")
         parsed.append(Variant(**v))

@@ -138,3 +138,40 @@ def reference_step(cfg_model, train_cfg, params, moments, tokens, lr):
     loss.backward()
     opt.step()
     return model, opt, loss.detach()
+
+
+def legacy_growth_table(**changes):
+    """A single [growth] table as older fastgrow versions stored it in checkpoints: every field present,
+    at_tokens = 0 meaning no growth, fields the op does not read included."""
+    table = {
+        "at_tokens": 0,
+        "op": "stack",
+        "factor": 4,
+        "target_layers": 0,
+        "spec": "",
+        "noise": 0.0,
+        "target_dim": 0,
+        "target_ffn_dim": 0,
+        "target_heads": 0,
+        "width_op": "direct",
+        "optimizer": "copy",
+        "schedule": "continue",
+        "rewarm_steps": 0,
+    }
+    return {**table, **changes}
+
+
+def stream_run(data_dir, out_dir, growth=(), model=None, data=None, train=None):
+    """A tiny CPU run over write_token_stream's data (2 layers, dim 32, 8 steps of 2 x 16 tokens)."""
+    from fastgrow.config import DataConfig
+
+    m = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32)
+    d = dict(data_dir=str(data_dir), seq_len=16, batch_size=2, val_fraction=0.05)
+    t = dict(device="cpu", max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, seed=3, out_dir=str(out_dir))
+    t.update(log_every=2, eval_every=0, eval_batches=1, ckpt_every=0, progress=False)
+    return RunConfig(
+        model=ModelConfig(**{**m, **(model or {})}),
+        data=DataConfig(**{**d, **(data or {})}),
+        train=TrainConfig(**{**t, **(train or {})}),
+        growth=tuple(growth),
+    )

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from growth_helpers import legacy_growth_table
 
 from fastgrow.config import (
     ConfigError,
@@ -133,21 +134,8 @@ def test_growth_table_is_one_stage_and_array_is_several(tmp_path):
 
 
 def test_legacy_growth_table_from_an_old_checkpoint():
-    legacy = {
-        "at_tokens": 96,
-        "op": "partial",
-        "factor": 4,  # ignored by partial in older versions: dropped, not refused
-        "target_layers": 0,
-        "spec": "1-2*3",
-        "noise": 0.0,
-        "target_dim": 0,
-        "target_ffn_dim": 0,
-        "target_heads": 0,
-        "width_op": "direct",
-        "optimizer": "copy",
-        "schedule": "rewarm",
-        "rewarm_steps": 2,
-    }
+    # factor: ignored by partial in older versions: dropped, not refused
+    legacy = legacy_growth_table(at_tokens=96, op="partial", spec="1-2*3", schedule="rewarm", rewarm_steps=2)
     (g,) = RunConfig.from_dict({"growth": legacy}).growth
     assert (g.op, g.spec, g.factor, g.width_op, g.rewarm_steps) == ("partial", "1-2*3", 0, "", 2)
     assert RunConfig.from_dict({"growth": {**legacy, "at_tokens": 0}}).growth == ()

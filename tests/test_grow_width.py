@@ -16,6 +16,7 @@ from growth_helpers import (
     batch,
     opt_state_by_name,
     reference_step,
+    stream_run,
     tiny_run,
     train_step,
     trained_state,
@@ -23,7 +24,7 @@ from growth_helpers import (
 )
 from growth_oracle import direct_width, fractions, gathered, out_fraction
 
-from fastgrow.config import DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig
+from fastgrow.config import GrowthConfig
 from fastgrow.grow import GrowPlan, grow
 from fastgrow.grow_width import AxisMap
 
@@ -249,24 +250,14 @@ def test_width_growth_in_a_run_keeps_the_loss_and_trains_to_full_rank(stream, tm
     entries left at zero) the copies / new units never train and the rank stays at the old width."""
     from fastgrow.train import train
 
-    cfg = RunConfig(
-        model=ModelConfig(vocab_size=61, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=32),
-        data=DataConfig(data_dir=str(stream), seq_len=16, batch_size=4, val_fraction=0.05),
-        train=TrainConfig(
-            device="cpu",
-            max_steps=24,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=2,
-            seed=0,
-            out_dir=str(tmp_path / "run"),
-            log_every=8,
-            eval_every=0,
-            eval_batches=2,
-            ckpt_every=0,
-            progress=False,
-        ),
-        growth=(GrowthConfig(at_tokens=4 * 64, op="width", target_dim=32, target_ffn_dim=ffn, width_op=width_op),),
+    growth = GrowthConfig(at_tokens=4 * 64, op="width", target_dim=32, target_ffn_dim=ffn, width_op=width_op)
+    cfg = stream_run(
+        stream,
+        tmp_path / "run",
+        (growth,),
+        model={"dim": 16, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 24},
+        data={"batch_size": 4},
+        train={"max_steps": 24, "seed": 0, "log_every": 8, "eval_batches": 2},
     )
     res = train(cfg, echo=False)
     (rec,) = [r for r in res.records if r["kind"] == "growth"]

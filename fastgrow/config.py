@@ -175,7 +175,12 @@ class TrainConfig:
     keep_ckpts: int = 2
     # Abort after this many non-finite steps in a row (each one is skipped without touching Adam).
     max_bad_steps: int = 5
+    # Console: a progress bar when stderr is a terminal, else (or when false) one line per log step.
     progress: bool = True
+    # Optional loggers beside metrics.jsonl (extras: pip install "fastgrow[tensorboard]" / "fastgrow[wandb]").
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "fastgrow"
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
@@ -196,6 +201,15 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0 disables), got {self.ckpt_every}")
         _check(self.keep_ckpts >= 2, f"train.keep_ckpts must be >= 2, got {self.keep_ckpts}")
         _check(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+
+
+# The values GrowthConfig's op / width_op / optimizer / schedule take (fastgrow.grow implements them),
+# defined here, free of torch, so the command line can list them without importing it.
+DEPTH_OPS = ("none", "stack", "interpolate", "partial", "sources", "zero", "random")
+WIDTH_OPS = ("direct", "zero", "random")
+GROWTH_OPS = (*DEPTH_OPS[1:], "width")  # growth.op: a depth operator, or "width" (width growth only)
+OPTIMIZER_POLICIES = ("copy", "reset")
+SCHEDULE_POLICIES = ("continue", "rewarm", "restart")
 
 
 @dataclass(frozen=True)
@@ -439,8 +453,12 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a TOML config. A top-level `preset = "name"` starts from that preset; sections override it."""
+def load_toml(path: str | Path, base: RunConfig | None = None, *, preset_name: str | None = None) -> RunConfig:
+    """Read a TOML config. A top-level `preset = "name"` starts from that preset; sections override it.
+
+    base: the config to start from when the file names no preset. preset_name: the preset the caller
+    chose elsewhere (the command line's --preset); a file that names a different one is an error rather
+    than one of them silently winning."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -450,7 +468,13 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
     start = base or RunConfig()
     if "preset" in raw:
-        start = preset(str(raw.pop("preset")))
+        file_preset = str(raw.pop("preset"))
+        if preset_name is not None and file_preset.lower() != preset_name.lower():
+            raise ConfigError(
+                f"--preset {preset_name} conflicts with preset = {file_preset!r} in {p}; "
+                "drop one of them (a preset is a starting point, the file's sections then override it)"
+            )
+        start = preset(file_preset)
     d = start.to_dict()
     for section, values in raw.items():
         if section not in d:

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from fastgrow.config import GrowthConfig, ModelConfig, RunConfig
+from fastgrow.config import DEPTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, GrowthConfig, ModelConfig, RunConfig
 from fastgrow.grow_depth import NEW_BLOCK, connection_rate, depth_sources, parse_spec, stack_sources
 from fastgrow.grow_width import WIDTH_OPS, WidthMap, check_direct
 from fastgrow.model import Transformer, flops_per_token
@@ -70,9 +70,6 @@ __all__ = [
     "stack_sources",
 ]
 
-DEPTH_OPS = ("none", "stack", "interpolate", "partial", "sources", "zero", "random")
-OPTIMIZER_POLICIES = ("copy", "reset")
-SCHEDULE_POLICIES = ("continue", "rewarm", "restart")
 BLOCK_PARAMS = (
     "attn_norm.weight",
     "attn.wqkv.weight",
@@ -498,11 +495,11 @@ def grow_checkpoint(
     out = Path(out_path)
     if out.resolve() == src.parent.resolve():
         # save_checkpoint would replace the source's own step-N directory.
-        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
+        raise ValueError(f"the grown checkpoint must go to another run directory than its input's ({src.parent})")
     existing = latest_checkpoint(out)
     if existing is not None:
         # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
-        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
+        raise ValueError(f"{out} already holds checkpoints ({existing.name}); grow into a new run directory")
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:

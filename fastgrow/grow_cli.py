@@ -2,6 +2,10 @@
 
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
+
+`--op` takes the names of the `growth.op` config key and maps to a GrowPlan the same way
+(`fastgrow.grow.plan_from_config`), so the offline and the in-run growth agree. Nothing here imports
+torch until a command runs (`fastgrow --help` and `fastgrow plan` stay fast).
 """
 
 from __future__ import annotations
@@ -9,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fastgrow.grow import DEPTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, GrowPlan
-from fastgrow.grow_width import WIDTH_OPS
+from fastgrow.config import GROWTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS, GrowthConfig
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
@@ -44,25 +47,32 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
 
 
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
-    from fastgrow.grow import grow_checkpoint
+    import dataclasses
 
-    plan = GrowPlan(
-        depth=args.op,
+    from fastgrow.checkpoint import read_meta
+    from fastgrow.config import ModelConfig
+    from fastgrow.grow import grow_checkpoint, plan_from_config
+    from fastgrow.state import resolve_device
+
+    op = "width" if args.op == "none" else args.op  # "none" (no depth change) is the old name of "width"
+    growth = GrowthConfig(
+        op=op,
         factor=args.factor,
         target_layers=args.target_layers,
         spec=args.spec,
         noise=args.noise,
-        width=args.width_op,
         target_dim=args.target_dim,
         target_ffn_dim=args.target_ffn_dim,
         target_heads=args.target_heads,
+        width_op=args.width_op,
         optimizer=args.optimizer,
         schedule=args.schedule,
         rewarm_steps=args.rewarm_steps,
-        seed=args.seed,
     )
-    out = grow_checkpoint(args.input, args.output, plan, device=args.device)
-    from fastgrow.checkpoint import read_meta
+    model = ModelConfig(**read_meta(args.input)["model_config"])
+    plan = dataclasses.replace(plan_from_config(growth, model), seed=args.seed)
+    device = resolve_device(args.device, what="--device")
+    out = grow_checkpoint(args.input, args.output, plan, device=device)
 
     rec = read_meta(out)["growth_history"][-1]
     print(
@@ -92,8 +102,18 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grow", help="grow a checkpoint into a new run directory (same grow() as in-run)")
     p.add_argument("input", help="checkpoint step directory, or a run directory (its newest checkpoint)")
     p.add_argument("output", help="run directory to write the grown step-N checkpoint into")
-    p.add_argument("--op", default="stack", choices=DEPTH_OPS, help="depth operator (default stack)")
-    p.add_argument("--factor", type=int, default=0, help="depth growth factor g")
+    p.add_argument(
+        "--op",
+        default="stack",
+        choices=(*GROWTH_OPS, "none"),
+        help="growth operator, as growth.op: a depth operator, or width (width only; none is an alias) (default stack)",
+    )
+    p.add_argument(
+        "--factor",
+        type=int,
+        default=4,
+        help="depth growth factor g (default 4, the paper's; partial/sources ignore it)",
+    )
     p.add_argument("--target-layers", type=int, default=0, help="target depth (instead of --factor)")
     p.add_argument("--spec", default="", help="stacking spec, e.g. 1-234*7-56 or 1,2,3,1,2,3")
     p.add_argument("--noise", type=float, default=0.0, help="W <- (1-a) W + a eps on copied blocks")
@@ -105,5 +125,5 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default="continue", choices=SCHEDULE_POLICIES)
     p.add_argument("--rewarm-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="seed of random init / noise (default: run seed)")
-    p.add_argument("--device", default="cpu", help="device to grow on (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to grow on: cpu, cuda, cuda:N (default cpu)")
     p.set_defaults(func=cmd_grow)

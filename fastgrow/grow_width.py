@@ -41,9 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrow.config import ModelConfig
-
-WIDTH_OPS = ("direct", "zero", "random")
+from fastgrow.config import WIDTH_OPS, ModelConfig
 
 
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:

@@ -22,6 +22,7 @@ import torch
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgrow.config import ConfigError, RunConfig
+from fastgrow.errors import option_error
 
 # The token count at which the run grows (0: never; "auto": the planner's Eq. 10 timing).
 from fastgrow.grow import growth_at_tokens as resolve_growth_tokens
@@ -30,6 +31,7 @@ from fastgrow.loader import BatchLoader, TokenData
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
 from fastgrow.optim import set_lr
+from fastgrow.report import Reporter, check_reporting
 from fastgrow.state import TrainState, build_state, resolve_device
 
 
@@ -115,12 +117,22 @@ def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainSt
     ckpt = latest_checkpoint(out)
     if resume:
         if ckpt is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {out}")
+            raise option_error(
+                FileNotFoundError,
+                lambda o: f"{o}: no complete checkpoint in {out} to resume from",
+                "resume=True",
+                "--resume",
+            )
         return load_checkpoint(ckpt, device, config=cfg)
     if ckpt is not None:
-        raise ConfigError(
-            f"{out} already holds checkpoints (newest {ckpt.name}); pass --resume to continue that run "
-            f"or choose another --train.out_dir"
+        raise option_error(
+            ConfigError,
+            lambda o: (
+                f"{out} already holds checkpoints (newest {ckpt.name}); pass {o} to continue that run or "
+                "choose another train.out_dir"
+            ),
+            "resume=True",
+            "--resume",
         )
     return build_state(cfg, device)
 
@@ -151,6 +163,7 @@ def train(
     until_step: stop (with a checkpoint) once this many steps are done, before train.max_steps; the
     schedule still follows max_steps, so a later `resume=True` call continues the same trajectory.
     """
+    check_reporting(cfg)  # a missing tensorboard/wandb package fails now, not after the model is built
     dev = resolve_device(cfg.train.device) if device is None else torch.device(device)
     data = TokenData.open(cfg.data.data_dir)
     if data.vocab_size > cfg.model.vocab_size:
@@ -269,7 +282,7 @@ class _Runner:
         window_start = time.perf_counter()
         paused = 0.0  # seconds of eval/checkpointing inside the current window, kept out of tokens/s
         last_norm = torch.zeros((), device=self.device)
-        pbar = self._progress_bar()
+        self.report = Reporter(self.cfg, self.out_dir, initial_step=self.state.step, console=self.echo)
         try:
             with _SigtermFlag() as sigterm:
                 while self.state.step < self.stop:
@@ -287,15 +300,14 @@ class _Runner:
                     last_norm = gnorm
                     window_steps += 1
                     window_tokens += self.tokens_per_step
-                    if pbar is not None:
-                        pbar.update(1)
+                    self.report.step()
                     if self.state.step % tcfg.log_every == 0 or self.state.step == self.stop:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         elapsed = time.perf_counter() - window_start - paused
                         rec = self._train_record(window_loss, window_bad, window_steps, window_tokens, elapsed)
                         rec["grad_norm"] = float(last_norm)
-                        self._emit(log, rec, pbar)
+                        self._emit(log, rec)
                         n_bad_run = int(max_run.item())
                         self.state.bad_steps = int(consec_bad.item())
                         max_run = consec_bad.clone()
@@ -315,7 +327,7 @@ class _Runner:
                         )
                     t_pause = time.perf_counter()
                     if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
-                        self._eval(log, pbar)
+                        self._eval(log)
                     if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
                         last_ckpt = self._save(consec_bad)
                     paused += time.perf_counter() - t_pause
@@ -330,32 +342,17 @@ class _Runner:
                     and not interrupted
                     and (not tcfg.eval_every or self.state.step % tcfg.eval_every)
                 ):
-                    self._eval(log, pbar)
+                    self._eval(log)
                 if last_ckpt is None or last_ckpt.name != _ckpt_name(self.state.step):
                     last_ckpt = self._save(consec_bad)
         finally:
-            if pbar is not None:
-                pbar.close()
+            self.report.close()
             log.close()
         if interrupted and self.echo:
             print(f"SIGTERM: saved {last_ckpt}; resume with --resume", file=sys.stderr)
         return TrainResult(state=self.state, records=self.records, checkpoint=last_ckpt, interrupted=interrupted)
 
     # --- pieces -----------------------------------------------------------------------------------------
-    def _progress_bar(self):
-        if not (self.cfg.train.progress and self.echo):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.cfg.train.max_steps,
-            initial=self.state.step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-
     def _train_record(self, window_loss, window_bad, steps, tokens, elapsed) -> dict[str, Any]:
         state = self.state
         n_bad = int(window_bad.item())
@@ -386,23 +383,12 @@ class _Runner:
             tokens_before = g["tokens"]
         return done + self.flops_tok * (state.tokens - tokens_before)
 
-    def _emit(self, log: MetricsLog, rec: dict[str, Any], pbar) -> None:
+    def _emit(self, log: MetricsLog, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         log.write(rec)
-        if pbar is not None and rec["kind"] == "train":
-            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
-            post["mfu"] = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
-            pbar.set_postfix(post, refresh=False)
-        elif pbar is not None and rec["kind"] in ("val", "growth"):
-            msg = (
-                f"step {rec['step']}: val_loss {rec['val_loss']:.4f}"
-                if rec["kind"] == "val"
-                else f"step {rec['step']}: grew {rec['layers_before']}→{rec['layers_after']} layers "
-                f"({rec['params_before']:,}→{rec['params_after']:,} params) in {rec['grow_seconds'] * 1e3:.1f} ms"
-            )
-            pbar.write(msg, file=sys.stderr)
+        self.report.record(rec)
 
-    def _eval(self, log: MetricsLog, pbar) -> None:
+    def _eval(self, log: MetricsLog) -> None:
         val = evaluate(self.state, self.val_batches, self.cfg)
         self._emit(
             log,
@@ -413,7 +399,6 @@ class _Runner:
                 "flops": self._flops_so_far(),
                 "val_loss": val,
             },
-            pbar,
         )
 
     def _save(self, consec_bad: torch.Tensor) -> Path:
@@ -453,10 +438,4 @@ class _Runner:
             "tokens_per_s_before": tps_before,
             "mfu_before": mfu(flops_tok_before, tps_before, self.peak) if tps_before else None,
         }
-        self._emit(log, rec, None)
-        if self.echo:
-            print(
-                f"[growth] step {rec['step']}: {rec['op']} {layers_before}→{rec['layers_after']} layers, "
-                f"{params_before:,}→{rec['params_after']:,} params, grow() {seconds * 1e3:.1f} ms",
-                file=sys.stderr,
-            )
+        self._emit(log, rec)

@@ -106,8 +106,6 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from fastgrow.train import train
-
     cfg = build_config(args, rest)
     if args.print_config:
         from fastgrow.config_toml import config_toml
@@ -115,6 +113,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         header = "fastgrow train: the resolved config; run it with `fastgrow train --config THIS_FILE`"
         print(config_toml(cfg, header), end="")
         return 0
+    from fastgrow.train import train
+
     result = train(cfg, resume=args.resume, until_step=args.steps)
     summary = result.summary()
     print(json.dumps(summary, indent=2))

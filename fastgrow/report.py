@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -136,9 +137,9 @@ class Reporter:
 
         from fastgrow.config_toml import config_toml
 
-        # purge_step: on a resume, TensorBoard drops events logged after the checkpoint's step by the run
-        # that was interrupted, so the curves show what the resumed run actually trained.
-        writer = SummaryWriter(log_dir=str(self.out_dir), purge_step=initial_step or None)
+        # purge_step: on a resume from step N, TensorBoard drops the events of steps > N that the interrupted
+        # run logged after its checkpoint, so the curves show what the resumed run actually trained.
+        writer = SummaryWriter(log_dir=str(self.out_dir), purge_step=initial_step + 1 if initial_step else None)
         if not initial_step:
             writer.add_text("config", "```toml\n" + config_toml(self.cfg) + "```", 0)
         return writer
@@ -149,7 +150,7 @@ class Reporter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.out_dir / WANDB_ID_FILE
         # One W&B run per run directory: a resume continues the same W&B run.
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
         id_file.write_text(run_id + "\n")
         return wandb.init(
             project=self.cfg.train.wandb_project,

@@ -15,7 +15,7 @@ from conftest import tiny_run_config
 
 from fastgrow.cli import main
 from fastgrow.config import RunConfig, apply_overrides, load_toml, preset, preset_names
-from fastgrow.config_toml import config_toml, dumps_toml
+from fastgrow.config_toml import dumps_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,13 @@ def _print_config(capsys, *argv: str) -> str:
 
 @pytest.mark.parametrize("name", preset_names())
 def test_print_config_is_toml_that_config_reads_back(capsys, tmp_path, name):
-    overrides = ["--growth.at_tokens=auto", "--growth.spec=12-3456*5-56", "--train.lr=1.5e-3", "--train.min_lr=1.5e-5", "--train.eps=1e-12"]
+    overrides = [
+        "--growth.at_tokens=auto",
+        "--growth.spec=12-3456*5-56",
+        "--train.lr=1.5e-3",
+        "--train.min_lr=1.5e-5",
+        "--train.eps=1e-12",
+    ]
     text = _print_config(capsys, "--preset", name, *overrides)
     assert text.startswith("# ") and "\n[model]\n" in text and "\n[growth]\n" in text
     f = tmp_path / "printed.toml"
@@ -204,9 +210,7 @@ def test_grow_accepts_every_op_of_the_readme_table(capsys, small_ckpt, tmp_path)
 
     ops = _readme_growth_ops()
     assert "stack" in ops and "width" in ops
-    grow = next(
-        a.choices["grow"] for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
-    )
+    grow = next(a.choices["grow"] for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     choices = next(a.choices for a in grow._actions if a.dest == "op")
     assert set(ops) <= set(choices)
     rc, out, err = _grow(capsys, small_ckpt, tmp_path / "wide", "--op", "width", "--target-dim", "64")
@@ -223,7 +227,9 @@ def test_grow_on_a_missing_cuda_device_is_one_line(capsys, small_ckpt, tmp_path)
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     rc, out, err = _grow(capsys, small_ckpt, tmp_path / "gpu", "--device", "cuda")
-    assert rc == 2 and err.startswith("fastgrow: error: --device 'cuda': CUDA is not available") and err.count("\n") == 1
+    assert (
+        rc == 2 and err.startswith("fastgrow: error: --device 'cuda': CUDA is not available") and err.count("\n") == 1
+    )
     rc, out, err = _grow(capsys, small_ckpt, tmp_path / "gpu", "--device", "tpu7")
     assert rc == 2 and "is not a device name" in err
     assert not (tmp_path / "gpu").exists() or not any((tmp_path / "gpu").iterdir())

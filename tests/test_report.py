@@ -52,7 +52,9 @@ def test_train_line_shows_the_fields_users_look_for():
     assert "step 40 (stage 1)" in staged and staged.endswith("val_loss 3.5000→3.7500")
 
 
-@pytest.mark.parametrize("progress, terminal, want", [(True, True, "bar"), (True, False, "lines"), (False, True, "lines")])
+@pytest.mark.parametrize(
+    "progress, terminal, want", [(True, True, "bar"), (True, False, "lines"), (False, True, "lines")]
+)
 def test_bar_only_on_a_terminal_with_progress_on(tmp_path, progress, terminal, want):
     cfg = apply_overrides(tiny_run_config("d", tmp_path), [f"--train.progress={str(progress).lower()}"])
     stream = Terminal() if terminal else io.StringIO()
@@ -86,7 +88,10 @@ def test_missing_logger_package_is_a_config_error(tiny_data, tmp_path, monkeypat
     real = importlib.util.find_spec
     monkeypatch.setattr(report.importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
     cfg = apply_overrides(tiny_run_config(tiny_data, tmp_path / "r"), ["--train.tensorboard=true"])
-    with pytest.raises(ConfigError, match=r'train.tensorboard = true needs the tensorboard package: pip install "fastgrow\[tensorboard\]"'):
+    with pytest.raises(
+        ConfigError,
+        match=r'train.tensorboard = true needs the tensorboard package: pip install "fastgrow\[tensorboard\]"',
+    ):
         train(cfg, echo=False)
     assert not (tmp_path / "r").exists()  # failed before anything was built or written
 
@@ -101,18 +106,22 @@ def _tb_scalars(run_dir):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
 def test_tensorboard_logs_the_metrics_jsonl_numbers(tiny_data, tmp_path):
+    import shutil
+
     from fastgrow.train import train
 
     out = tmp_path / "tb"
     cfg = tiny_run_config(tiny_data, out, max_steps=6, log_every=2, eval_every=3, ckpt_every=3)
     cfg = apply_overrides(cfg, ["--train.tensorboard=true"])
-    train(cfg, echo=False, until_step=3)
-    train(cfg, resume=True, echo=False)  # a resume appends to the same curves
+    first = train(cfg, echo=False, until_step=5)  # logs steps 2, 4, 5 and val 3; checkpoints 3 and 5
+    shutil.rmtree(first.checkpoint)  # as if killed before step 5's checkpoint: steps 4-5 were never kept
+    second = train(cfg, resume=True, echo=False)  # from step 3: logs 4, 6 on the same curves
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     tb = _tb_scalars(out)
-    recs = read_metrics(out / "metrics.jsonl")
+    recs = [r for r in first.records if r["step"] <= 3] + second.records
     train_recs = [r for r in recs if r["kind"] == "train"]
-    assert sorted(tb["train/loss"]) == [r["step"] for r in train_recs] == [2, 3, 4, 6]
+    # the interrupted run's steps after its checkpoint (4 and 5) are gone from TensorBoard
+    assert sorted(tb["train/loss"]) == [r["step"] for r in train_recs] == [2, 4, 6]
     for r in train_recs:
         assert tb["train/loss"][r["step"]] == pytest.approx(r["loss"], rel=1e-6)  # event files store fp32
         assert tb["train/lr"][r["step"]] == pytest.approx(r["lr"], rel=1e-6)

@@ -180,8 +180,9 @@ def generate_text(
     looks in the training stream. Returns the prompt plus each sample's continuation, decoded."""
     from tokenizers import Tokenizer
 
-    from fastgrow.inference import EOS_TOKEN, autocast, find_tokenizer, load_model
+    from fastgrow.inference import EOS_TOKEN, find_tokenizer, load_model
     from fastgrow.state import resolve_device
+    from fastgrow.train import _autocast  # the run's compute dtype policy, the same as in training
 
     dev = resolve_device(device, what="device")
     loaded = load_model(path, dev)
@@ -201,7 +202,7 @@ def generate_text(
         seed=seed,
         eos_id=eos_id if stop_at_eos else None,
         num_samples=num_samples,
-        autocast=autocast(loaded.config, dev),
+        autocast=_autocast(loaded.config, dev),
     )
     seconds = time.perf_counter() - t0
     # Decode prompt and continuation together: a character's bytes may straddle the two.

@@ -7,7 +7,6 @@ the weights alone costs a third of what resuming costs (Adam keeps two more copi
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +70,6 @@ def _reset_buffers(model: Transformer) -> None:
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     model.rope_cos = cos.to(model.rope_cos.device)
     model.rope_sin = sin.to(model.rope_sin.device)
-
-
-def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """The run's compute dtype: bf16 autocast on CUDA unless train.dtype = "fp32"; fp32 on the CPU."""
-    dtype = cfg.train.dtype
-    if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def find_tokenizer(loaded: LoadedModel, explicit: str | Path | None = None) -> Path:

@@ -82,8 +82,13 @@ def dumps_toml(data: Mapping[str, Any], header: str = "") -> str:
 def config_toml(cfg: RunConfig, header: str = "") -> str:
     """The whole resolved config, every field explicit, as a file for `fastgrow train --config`."""
     d = cfg.to_dict()
-    if isinstance(d.get("growth"), list) and not d["growth"]:
+    stages = d.get("growth")
+    if isinstance(stages, list) and not stages:
         # No growth stages: nothing to write (an empty array would not say which kind of value it is).
         del d["growth"]
         header = (header + "\n" if header else "") + "no [growth] stages: the model keeps its size"
+    elif isinstance(stages, list) and len(stages) == 1 and stages[0].get("at_tokens") != 0:
+        # One stage reads best as a plain [growth] table (a table with at_tokens = 0 would read back as
+        # "no growth", so such a stage stays a [[growth]] array entry).
+        d["growth"] = stages[0]
     return dumps_toml(d, header)

@@ -52,8 +52,10 @@ def config_epilog() -> str:
         "  Settings start from --preset NAME (default tiny) or a --config FILE.toml (which may name its own\n"
         "  preset = ...), then --section.key=value overrides apply on top, in order. Values are TOML scalars\n"
         "  or plain text: --train.lr=1e-3 --train.compile=true --data.data_dir=data/mine, and counts take\n"
-        "  suffixes: --growth.at_tokens=100k. --print-config prints the resolved settings as a TOML file\n"
-        "  that --config reads back. README.md (Configuration) explains the keys.\n\n"
+        "  suffixes: --growth.at_tokens=100k. Growth stages: --growth.KEY=V sets the single stage (making one\n"
+        "  if there is none), --growth.N.KEY=V stage N (0-based; N = the number of stages adds one).\n"
+        "  --print-config prints the resolved settings as a TOML file that --config reads back.\n"
+        "  README.md (Configuration) explains the keys.\n\n"
         "sections and keys (built-in defaults; presets change the model sizes, seq_len, batch_size and lr):"
     )
     lines = [intro]

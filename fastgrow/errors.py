@@ -1,4 +1,5 @@
-"""Errors that read right both from Python and from the command line.
+"""Exception types shared across fastgrow (kept here so modules can raise them without import circles),
+and errors that read right both from Python and from the command line.
 
 Library functions name their Python arguments (`overwrite=True`); the command line must name its flags
 (`--overwrite`). `with_cli_message(exc, text)` attaches the command line's wording to an exception, and
@@ -11,6 +12,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
 
 
 def with_cli_message(exc: E, text: str) -> E:

@@ -1,19 +1,74 @@
-"""The `fastgrow plan` and `fastgrow grow` subcommands (wired into fastgrow.cli by `add_growth_commands`).
+"""The `fastgrow plan` and `fastgrow grow` subcommands (wired into fastgrow.cli by `add_growth_commands`),
+and offline growth of a checkpoint on disk (`grow_checkpoint`, what `fastgrow grow` runs).
 
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
 
-`--op` takes the names of the `growth.op` config key and maps to a GrowPlan the same way
-(`fastgrow.grow.plan_from_config`), so the offline and the in-run growth agree. Nothing here imports
-torch until a command runs (`fastgrow --help` and `fastgrow plan` stay fast).
+`--op` takes the names of the `growth.op` config key (`width`: width growth only; `none` is an alias),
+and `--factor` defaults to the paper's 4 for the operators that read it, as in a run's [growth]. Nothing
+here imports torch until a command runs (`fastgrow --help` and `fastgrow plan` stay fast).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fastgrow.config import GROWTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS, GrowthConfig
+from fastgrow.config import DEFAULT_FACTOR, GROWTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastgrow.grow import GrowPlan
+
+# The depth operators whose target depth comes from a factor (the rest: width only, or a spec).
+_FACTOR_OPS = ("stack", "interpolate", "zero", "random")
+
+
+def grow_checkpoint(
+    in_path: str | Path,
+    out_path: str | Path,
+    plan: GrowPlan,
+    device: str | torch.device = "cpu",
+    keep: int = 2,
+) -> Path:
+    """Grow a checkpoint on disk: load_checkpoint -> grow() (the same function a run uses) -> save.
+
+    in_path: a step directory or a run directory (its newest complete checkpoint); out_path: the run
+    directory to write `step-N` into. The output carries the input's RNG state, data cursor, step and
+    schedule, so `fastgrow train --resume` on it continues exactly as a run that grew at that step
+    would (the growth counts as the next stage of the run's growth list). The caller's global RNG state
+    is left as it was. Returns the written step directory.
+    """
+    import torch
+
+    from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from fastgrow.grow import grow
+
+    src = resolve_checkpoint(in_path)
+    out = Path(out_path)
+    if out.resolve() == src.parent.resolve():
+        # save_checkpoint would replace the source's own step-N directory.
+        raise ValueError(f"the grown checkpoint must go to another run directory than its input's ({src.parent})")
+    existing = latest_checkpoint(out)
+    if existing is not None:
+        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
+        raise ValueError(f"{out} already holds checkpoints ({existing.name}); grow into a new run directory")
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
+        state = load_checkpoint(src, device, restore_rng=True)
+        grown = grow(state, plan)
+        grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
+        tok = src / "tokenizer.json"
+        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
@@ -47,32 +102,36 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
 
 
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
-    import dataclasses
-
-    from fastgrow.checkpoint import read_meta
-    from fastgrow.config import ModelConfig
-    from fastgrow.grow import grow_checkpoint, plan_from_config
+    from fastgrow.grow import GrowPlan
     from fastgrow.state import resolve_device
 
-    op = "width" if args.op == "none" else args.op  # "none" (no depth change) is the old name of "width"
-    growth = GrowthConfig(
-        op=op,
-        factor=args.factor,
+    depth = "none" if args.op in ("width", "none") else args.op
+    factor = args.factor
+    if factor is None:  # as a run's [growth]: the paper's g unless the depth comes from elsewhere
+        factor = DEFAULT_FACTOR if depth in _FACTOR_OPS and not (args.target_layers or args.spec) else 0
+    device = resolve_device(args.device, what="--device")
+    plan = GrowPlan(
+        depth=depth,
+        factor=factor,
         target_layers=args.target_layers,
         spec=args.spec,
         noise=args.noise,
+        width=args.width_op,
         target_dim=args.target_dim,
         target_ffn_dim=args.target_ffn_dim,
         target_heads=args.target_heads,
-        width_op=args.width_op,
         optimizer=args.optimizer,
         schedule=args.schedule,
         rewarm_steps=args.rewarm_steps,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        horizon_steps=args.horizon_steps,
+        jump_to_step=args.jump_to_step,
+        seed=args.seed,
     )
-    model = ModelConfig(**read_meta(args.input)["model_config"])
-    plan = dataclasses.replace(plan_from_config(growth, model), seed=args.seed)
-    device = resolve_device(args.device, what="--device")
     out = grow_checkpoint(args.input, args.output, plan, device=device)
+    from fastgrow.checkpoint import read_meta
 
     rec = read_meta(out)["growth_history"][-1]
     print(
@@ -106,13 +165,14 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
         "--op",
         default="stack",
         choices=(*GROWTH_OPS, "none"),
-        help="growth operator, as growth.op: a depth operator, or width (width only; none is an alias) (default stack)",
+        help="growth operator, as growth.op: a depth operator, or width (width only) (default stack)",
     )
     p.add_argument(
         "--factor",
         type=int,
-        default=4,
-        help="depth growth factor g (default 4, the paper's; partial/sources ignore it)",
+        default=None,
+        help=f"depth growth factor g (default {DEFAULT_FACTOR}, the paper's, for stack/interpolate/zero/random "
+        "without --target-layers or --spec)",
     )
     p.add_argument("--target-layers", type=int, default=0, help="target depth (instead of --factor)")
     p.add_argument("--spec", default="", help="stacking spec, e.g. 1-234*7-56 or 1,2,3,1,2,3")
@@ -123,7 +183,12 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-heads", type=int, default=0)
     p.add_argument("--optimizer", default="copy", choices=OPTIMIZER_POLICIES)
     p.add_argument("--schedule", default="continue", choices=SCHEDULE_POLICIES)
-    p.add_argument("--rewarm-steps", type=int, default=0)
+    p.add_argument("--rewarm-steps", type=int, default=0, help="schedule rewarm / jump: linear re-warm steps")
+    p.add_argument("--lr", type=float, default=None, help="schedule restart / jump: the grown phase's peak LR")
+    p.add_argument("--min-lr", type=float, default=None, help="schedule restart / jump: its final LR")
+    p.add_argument("--warmup-steps", type=int, default=None, help="schedule restart: its warmup steps")
+    p.add_argument("--horizon-steps", type=int, default=None, help="schedule restart: steps to decay over")
+    p.add_argument("--jump-to-step", type=int, default=None, help="schedule jump: step of the target's schedule")
     p.add_argument("--seed", type=int, default=None, help="seed of random init / noise (default: run seed)")
     p.add_argument("--device", default="cpu", help="device to grow on: cpu, cuda, cuda:N (default cpu)")
     p.set_defaults(func=cmd_grow)

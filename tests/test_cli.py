@@ -81,6 +81,7 @@ def _print_config(capsys, *argv: str) -> str:
 def test_print_config_is_toml_that_config_reads_back(capsys, tmp_path, name):
     overrides = [
         "--growth.at_tokens=auto",
+        "--growth.op=partial",
         "--growth.spec=12-3456*5-56",
         "--train.lr=1.5e-3",
         "--train.min_lr=1.5e-5",
@@ -118,12 +119,21 @@ def test_toml_writer_round_trips_awkward_values(tmp_path):
     assert text.count("[[growth]]") == 2 and "# unset is unset" in text
 
 
-def test_config_with_several_growth_stages_prints_array_tables():
-    # Generic over the shape issue 11 gives RunConfig.growth (a list of stages in to_dict()).
-    d = RunConfig().to_dict()
-    d["growth"] = [dict(d["growth"] if isinstance(d["growth"], dict) else {}, at_tokens=n) for n in (10, 20)]
-    text = dumps_toml(d)
-    assert text.count("[[growth]]") == 2 and "[growth]\n" not in text
+def test_growth_stages_print_as_growth_tables_and_read_back(capsys, tmp_path):
+    stages = [
+        "--growth.0.at_tokens=1000",
+        "--growth.0.factor=2",
+        "--growth.1.at_tokens=5000",
+        "--growth.1.op=width",
+        "--growth.1.target_dim=256",
+        "--growth.1.width_op=zero",
+    ]
+    for overrides, tables, arrays in ((stages, 0, 2), (stages[:2], 1, 0), ([], 0, 0)):
+        text = _print_config(capsys, "--preset", "tiny-base", *overrides)
+        assert text.count("\n[growth]\n") == tables and text.count("\n[[growth]]\n") == arrays, text
+        f = tmp_path / "stages.toml"
+        f.write_text(text)
+        assert load_toml(f) == apply_overrides(preset("tiny-base"), overrides)
 
 
 def test_preset_and_config_naming_different_presets_is_an_error(tmp_path, capsys):

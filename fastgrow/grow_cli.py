@@ -4,6 +4,10 @@ and offline growth of a checkpoint on disk (`grow_checkpoint`, what `fastgrow gr
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
 fastgrow plan --preset 410M --tokens 100B --stages 2 [--grow depth|width|alternate]   # Staged Training
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
+
+`--op` takes the names of the `growth.op` config key (`width`: width growth only; `none` is an alias),
+and `--factor` defaults to the paper's 4 for the operators that read it, as in a run's [growth]. Nothing
+here imports torch until a command runs (`fastgrow --help` and `fastgrow plan` stay fast).
 """
 
 from __future__ import annotations
@@ -11,11 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from fastgrow.config import DEFAULT_FACTOR, GROWTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS
 
-from fastgrow.config import OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS
-from fastgrow.grow import DEPTH_OPS, GrowPlan, grow
+if TYPE_CHECKING:
+    import torch
+
+    from fastgrow.grow import GrowPlan
+
+# The depth operators whose target depth comes from a factor (the rest: width only, or a spec).
+_FACTOR_OPS = ("stack", "interpolate", "zero", "random")
 
 
 def grow_checkpoint(
@@ -33,17 +43,20 @@ def grow_checkpoint(
     would (the growth counts as the next stage of the run's growth list). The caller's global RNG state
     is left as it was. Returns the written step directory.
     """
+    import torch
+
     from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from fastgrow.grow import grow
 
     src = resolve_checkpoint(in_path)
     out = Path(out_path)
     if out.resolve() == src.parent.resolve():
         # save_checkpoint would replace the source's own step-N directory.
-        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
+        raise ValueError(f"the grown checkpoint must go to another run directory than its input's ({src.parent})")
     existing = latest_checkpoint(out)
     if existing is not None:
         # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
-        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
+        raise ValueError(f"{out} already holds checkpoints ({existing.name}); grow into a new run directory")
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -161,9 +174,17 @@ def _cmd_plan_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
+    from fastgrow.grow import GrowPlan
+    from fastgrow.state import resolve_device
+
+    depth = "none" if args.op in ("width", "none") else args.op
+    factor = args.factor
+    if factor is None:  # as a run's [growth]: the paper's g unless the depth comes from elsewhere
+        factor = DEFAULT_FACTOR if depth in _FACTOR_OPS and not (args.target_layers or args.spec) else 0
+    device = resolve_device(args.device, what="--device")
     plan = GrowPlan(
-        depth=args.op,
-        factor=args.factor,
+        depth=depth,
+        factor=factor,
         target_layers=args.target_layers,
         spec=args.spec,
         noise=args.noise,
@@ -181,7 +202,7 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         jump_to_step=args.jump_to_step,
         seed=args.seed,
     )
-    out = grow_checkpoint(args.input, args.output, plan, device=args.device)
+    out = grow_checkpoint(args.input, args.output, plan, device=device)
     from fastgrow.checkpoint import read_meta
 
     rec = read_meta(out)["growth_history"][-1]
@@ -221,8 +242,19 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grow", help="grow a checkpoint into a new run directory (same grow() as in-run)")
     p.add_argument("input", help="checkpoint step directory, or a run directory (its newest checkpoint)")
     p.add_argument("output", help="run directory to write the grown step-N checkpoint into")
-    p.add_argument("--op", default="stack", choices=DEPTH_OPS, help="depth operator (default stack)")
-    p.add_argument("--factor", type=int, default=0, help="depth growth factor g")
+    p.add_argument(
+        "--op",
+        default="stack",
+        choices=(*GROWTH_OPS, "none"),
+        help="growth operator, as growth.op: a depth operator, or width (width only) (default stack)",
+    )
+    p.add_argument(
+        "--factor",
+        type=int,
+        default=None,
+        help=f"depth growth factor g (default {DEFAULT_FACTOR}, the paper's, for stack/interpolate/zero/random "
+        "without --target-layers or --spec)",
+    )
     p.add_argument("--target-layers", type=int, default=0, help="target depth (instead of --factor)")
     p.add_argument("--spec", default="", help="stacking spec, e.g. 1-234*7-56 or 1,2,3,1,2,3")
     p.add_argument("--noise", type=float, default=0.0, help="W <- (1-a) W + a eps on copied blocks")
@@ -239,5 +271,5 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--horizon-steps", type=int, default=None, help="schedule restart: steps to decay over")
     p.add_argument("--jump-to-step", type=int, default=None, help="schedule jump: step of the target's schedule")
     p.add_argument("--seed", type=int, default=None, help="seed of random init / noise (default: run seed)")
-    p.add_argument("--device", default="cpu", help="device to grow on (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to grow on: cpu, cuda, cuda:N (default cpu)")
     p.set_defaults(func=cmd_grow)

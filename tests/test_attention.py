@@ -1,7 +1,7 @@
 """Tests of fastgrow.kernels.attention: the Triton kernels (interpreter on CPU, fp32/fp16) against an
 fp64 reference, the other backends, validation, and `gpu`-marked bf16/long-sequence/determinism tests.
 
-Tolerance rule (DESIGN.md 5): max|ours - ref64| <= 2 * max|torch in the same dtype - ref64| + floor.
+Tolerance rule (docs/architecture.md, section 8): max|ours - ref64| <= 2 * max|torch in the same dtype - ref64| + floor.
 """
 
 from __future__ import annotations

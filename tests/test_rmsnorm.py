@@ -1,6 +1,6 @@
 """RMSNorm and fused residual RMSNorm: Triton kernels (interpreter on CPU) against the fp32 reference.
 
-Tolerance rule (DESIGN.md 5): max|ours - ref32| <= 2 * max|torch in the same dtype - ref32| + floor.
+Tolerance rule (docs/architecture.md, section 8): max|ours - ref32| <= 2 * max|torch in the same dtype - ref32| + floor.
 Note: the Triton interpreter converts fp32 -> bf16 by truncation, not round-to-nearest (GPU rounds), so
 bf16 outputs here may sit one bf16 ulp away from torch's; the rule's bf16 floor covers that.
 """

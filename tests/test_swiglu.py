@@ -1,6 +1,6 @@
 """SwiGLU (split and packed): Triton kernels (interpreter on CPU) against the fp32 reference.
 
-Tolerance rule (DESIGN.md 5): max|ours - ref32| <= 2 * max|torch in the same dtype - ref32| + floor.
+Tolerance rule (docs/architecture.md, section 8): max|ours - ref32| <= 2 * max|torch in the same dtype - ref32| + floor.
 The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest); the bf16 floor covers one ulp.
 """
 

@@ -17,7 +17,8 @@ Backends: "triton" (the fused kernels of attention_fwd.py / attention_bwd.py, Fl
 deterministic backward without atomics), "sdpa" (torch scaled_dot_product_attention), "flash_attn"
 (flash_attn_func, imported lazily), "ref" (`attention_ref`, fp32 torch, materialises S x S), "auto"
 (triton where `use_triton(q)`, i.e. CUDA or CPU under TRITON_INTERPRET=1, and the input is inside the
-Triton envelope below; otherwise sdpa, e.g. bfloat16 on CPU, which the interpreter cannot do).
+Triton envelope below; otherwise sdpa, e.g. bfloat16 on CPU, which the interpreter cannot do, and fp32 on
+CUDA, whose exact-fp32 Triton tiles spill registers).
 
 Triton envelope: head_dim 16, 32, 64, 96, 128 (96 runs in a 128-wide tile masked on d); fp16 and bf16 on GPU,
 fp32 everywhere (GPU dots in exact fp32, "ieee", since fp32 is the accuracy path); any sequence length >= 1.
@@ -363,6 +364,21 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale) 
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
 
 
+def auto_backend(device_type: str, dtype: torch.dtype, head_dim: int, batch_heads: int, triton_ok: bool) -> str:
+    """What backend="auto" runs: "triton" inside the Triton envelope where Triton runs (`triton_ok`:
+    CUDA, or CPU under the interpreter), else "sdpa".
+
+    Outside the envelope: other head dims, bf16 in the interpreter (its bf16 tl.dot is wrong), more
+    (batch, head) pairs than grid axis 1 takes, and fp32 on CUDA: the exact-fp32 ("ieee") tiles spill
+    registers on sm_90 (~30 KB of spill stores in the hd64 causal dK/dV pass), while SDPA runs fp32 on
+    its own kernels (TF32 where the user enabled it). backend="triton" still runs fp32, as the accuracy path.
+    """
+    cpu_bf16 = device_type == "cpu" and dtype == torch.bfloat16
+    cuda_fp32 = device_type == "cuda" and dtype == torch.float32
+    fits = head_dim in TRITON_HEAD_DIMS and not (cpu_bf16 or cuda_fp32) and batch_heads <= _MAX_GRID_Y
+    return "triton" if triton_ok and fits else "sdpa"
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -380,10 +396,7 @@ def attention(
     b, sq, h, d = q.shape
     sk = k.shape[1]
     if backend == "auto":
-        # Outside the Triton envelope (other head dims; bf16 in the interpreter) auto means SDPA.
-        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        fits = d in TRITON_HEAD_DIMS and not cpu_bf16 and b * h <= _MAX_GRID_Y
-        backend = "triton" if use_triton(q) and fits else "sdpa"
+        backend = auto_backend(q.device.type, q.dtype, d, b * h, use_triton(q))
 
     if b == 0 or sq == 0 or h == 0 or d == 0:
         out = q.clone()  # empty, but still part of the autograd graph

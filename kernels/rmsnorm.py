@@ -36,6 +36,7 @@ from torch import nn
 
 from ._common import (
     as_rows,
+    autocast_dtype,
     cdiv,
     check_float,
     check_same_device,
@@ -190,11 +191,16 @@ def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
 
 
 def _launch_fwd(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Returns (h or None, y, rstd); y in `y_dtype` (default: h's dtype, see `_out_dtype`)."""
     n = x.shape[-1]
     out_dtype = _out_dtype(x, residual)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=y_dtype or out_dtype, device=x.device)
     h = torch.empty(x.shape, dtype=out_dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if y.numel() == 0:
@@ -283,32 +289,32 @@ def _launch_bwd(
 @torch.library.custom_op(
     "fastgrow::rms_norm_fwd",
     mutates_args=(),
-    schema="(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor? weight, float eps, ScalarType? out_dtype) -> (Tensor, Tensor)",
 )
-def _rms_norm_fwd_op(x, weight, eps):
-    _, y, rstd = _launch_fwd(x, None, weight, eps)
+def _rms_norm_fwd_op(x, weight, eps, out_dtype):
+    _, y, rstd = _launch_fwd(x, None, weight, eps, out_dtype)
     return y, rstd
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, weight, eps, out_dtype):
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(
     "fastgrow::add_rms_norm_fwd",
     mutates_args=(),
-    schema="(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor x, Tensor residual, Tensor? weight, float eps, ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)",
 )
-def _add_rms_norm_fwd_op(x, residual, weight, eps):
-    return _launch_fwd(x, residual, weight, eps)
+def _add_rms_norm_fwd_op(x, residual, weight, eps, out_dtype):
+    return _launch_fwd(x, residual, weight, eps, out_dtype)
 
 
 @_add_rms_norm_fwd_op.register_fake
-def _(x, residual, weight, eps):
+def _(x, residual, weight, eps, out_dtype):
     h = torch.empty_like(x, dtype=_out_dtype(x, residual), memory_format=torch.contiguous_format)
-    return h, torch.empty_like(h), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return h, torch.empty_like(h, dtype=out_dtype or h.dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(
@@ -332,7 +338,7 @@ def _(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype):
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, _eps, _out_dtype = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -342,7 +348,7 @@ def _rms_norm_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[1]
     dx, _, dw = torch.ops.fastgrow.rms_norm_bwd(dy, x, weight, rstd, None, need_dw, x.dtype, None)
-    return dx, (dw if need_dw else None), None
+    return dx, (dw if need_dw else None), None, None
 
 
 _rms_norm_fwd_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
@@ -355,7 +361,7 @@ def _grad_dtypes(x_dtype: torch.dtype, r_dtype: torch.dtype) -> tuple[torch.dtyp
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
-    x, residual, weight, _eps = inputs
+    x, residual, weight, _eps, _out_dtype = inputs
     h, _y, rstd = output
     ctx.save_for_backward(h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -367,7 +373,7 @@ def _add_rms_norm_backward(ctx, dh, dy, _drstd):
     need_dw = weight is not None and ctx.needs_input_grad[2]
     dx_dtype, dr_dtype = ctx.grad_dtypes
     dx, dr, dw = torch.ops.fastgrow.rms_norm_bwd(dy, h, weight, rstd, dh, need_dw, dx_dtype, dr_dtype)
-    return dx, (dr if dr_dtype is not None else dx), (dw if need_dw else None), None
+    return dx, (dr if dr_dtype is not None else dx), (dw if need_dw else None), None, None
 
 
 _add_rms_norm_fwd_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
@@ -379,8 +385,10 @@ class _RMSNormFn(torch.autograd.Function):
     the host, not the GPU, is the bottleneck. Returns y, or (h, y) with a residual."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        h, y, rstd = _launch_fwd(x, residual, weight, eps)
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        h, y, rstd = _launch_fwd(x, residual, weight, eps, out_dtype)
+        # An unused output (e.g. the final norm's h) then arrives as None, not as a zero-filled tensor.
+        ctx.set_materialize_grads(False)
         ctx.has_residual = h is not None
         ctx.grad_dtypes = _grad_dtypes(x.dtype, residual.dtype) if h is not None else (x.dtype, None)
         ctx.save_for_backward(h if h is not None else x, weight, rstd)
@@ -391,9 +399,14 @@ class _RMSNormFn(torch.autograd.Function):
         xh, weight, rstd = ctx.saved_tensors
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dh, dy = grads if ctx.has_residual else (None, grads[0])
+        if dy is None:  # only h was used: the gradient passes straight through to x and residual
+            if dh is None:
+                return None, None, None, None, None
+            dx_dtype, dr_dtype = ctx.grad_dtypes
+            return dh.to(dx_dtype), dh.to(dr_dtype or dx_dtype), None, None, None
         dx, dr, dw = _launch_bwd(dy, xh, weight, rstd, dh, need_dw, *ctx.grad_dtypes)
         dres = (dr if dr is not None else dx) if ctx.has_residual else None
-        return dx, dres, (dw if need_dw else None), None
+        return dx, dres, (dw if need_dw else None), None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,22 +440,32 @@ def _check_width(n: int) -> None:
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto") -> torch.Tensor:
-    """RMS-normalise the last dim of `x` and scale by `weight` (None: no affine). Returns x.dtype.
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    impl: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """RMS-normalise the last dim of `x` and scale by `weight` (None: no affine).
 
+    Returns `out_dtype`; by default x.dtype, or the autocast dtype under autocast (statistics are fp32
+    either way; producing the matmul's dtype here saves the cast kernel autocast would add after it).
     impl: "auto" (Triton on CUDA, and on CPU under TRITON_INTERPRET=1; else the reference),
     "triton" or "ref".
     """
     _check_inputs(x, weight)
+    out_dtype = autocast_dtype(x, out_dtype)
     if not use_triton(x, impl) or x.numel() == 0:
         # Empty inputs take the reference path: it returns empty outputs and well-formed (zero) grads.
-        return rms_norm_ref(x, weight, eps)
+        return rms_norm_ref(x, weight, eps, out_dtype=out_dtype)
     _check_width(x.shape[-1])
     if torch.compiler.is_compiling():
-        return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))[0]
+        return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps), out_dtype)[0]
     if _needs_autograd(x, weight):
-        return _RMSNormFn.apply(x, None, weight, float(eps))
-    return _launch_fwd(x, None, weight, float(eps))[1]  # inference: no autograd node, no saved tensors
+        return _RMSNormFn.apply(x, None, weight, float(eps), out_dtype)
+    return _launch_fwd(x, None, weight, float(eps), out_dtype)[1]  # inference: no autograd node, no saved tensors
 
 
 def add_rms_norm(
@@ -452,21 +475,24 @@ def add_rms_norm(
     eps: float = 1e-6,
     *,
     impl: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `h = x + residual; y = rms_norm(h, weight, eps)`. Returns (h, y), both differentiable.
 
-    h and y have the promoted dtype of x and residual (torch's rule for `x + residual`).
+    h has the promoted dtype of x and residual (torch's rule for `x + residual`); y has `out_dtype`, by
+    default h's dtype, or the autocast dtype under autocast (as `rms_norm`).
     """
     _check_inputs(x, weight, residual)
+    out_dtype = autocast_dtype(x, out_dtype)
     if not use_triton(x, impl) or x.numel() == 0:
-        return add_rms_norm_ref(x, residual, weight, eps)
+        return add_rms_norm_ref(x, residual, weight, eps, out_dtype=out_dtype)
     _check_width(x.shape[-1])
     if torch.compiler.is_compiling():
-        h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
+        h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps), out_dtype)
         return h, y
     if _needs_autograd(x, residual, weight):
-        return _RMSNormFn.apply(x, residual, weight, float(eps))
-    h, y, _rstd = _launch_fwd(x, residual, weight, float(eps))
+        return _RMSNormFn.apply(x, residual, weight, float(eps), out_dtype)
+    h, y, _rstd = _launch_fwd(x, residual, weight, float(eps), out_dtype)
     return h, y
 
 
@@ -509,18 +535,25 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # fp32 references (test oracle and CPU path)
 # ----------------------------------------------------------------------------------------------------
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
-    """fp32 torch reference; returns x.dtype."""
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """fp32 torch reference; returns `out_dtype` (default x.dtype; no autocast resolution here)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (torch's promoted dtype), y = rms_norm(h) in h's dtype; returns (h, y)."""
+    """h = x + residual (torch's promoted dtype), y = rms_norm(h) in `out_dtype` (default h's); returns (h, y)."""
     h = x + residual
-    return h, rms_norm_ref(h, weight, eps)
+    return h, rms_norm_ref(h, weight, eps, out_dtype=out_dtype)

@@ -417,3 +417,23 @@ def test_grid_limit_batch_times_heads():
     assert out.shape == q.shape
     with pytest.raises(ValueError, match="grid-y limit"):
         attention(q, q, q, causal=True, backend="triton")
+
+
+def test_auto_backend_routing():
+    # fp32 on CUDA goes to SDPA (the exact-fp32 tiles spill); 16-bit on CUDA inside the envelope to Triton.
+    auto = attn_mod.auto_backend
+    assert auto("cuda", torch.float32, 64, 16, True) == "sdpa"
+    assert auto("cuda", torch.bfloat16, 64, 16, True) == "triton"
+    assert auto("cuda", torch.float16, 128, 16, True) == "triton"
+    assert auto("cuda", torch.bfloat16, 80, 16, True) == "sdpa"  # head dim outside the envelope
+    assert auto("cuda", torch.bfloat16, 64, 70000, True) == "sdpa"  # grid-y limit
+    assert auto("cpu", torch.float32, 64, 16, True) == "triton"  # the interpreter
+    assert auto("cpu", torch.bfloat16, 64, 16, True) == "sdpa"
+    assert auto("cpu", torch.float32, 64, 16, False) == "sdpa"
+
+
+@pytest.mark.gpu
+@needs_compiled
+def test_gpu_fp32_auto_is_sdpa():
+    q, k, v = _make(2, 300, 300, 4, 2, 64, torch.float32, "cuda")
+    assert torch.equal(attention(q, k, v), attention(q, k, v, backend="sdpa"))

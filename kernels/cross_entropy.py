@@ -8,10 +8,12 @@ so the [N, V] logits never exist for the whole batch (neither in the matmul dtyp
 One pass over row chunks does the forward and the gradient, which need the same logits:
 
     z   = x_c @ W^T                      [chunk, V] in the compute dtype (the autocast dtype under autocast)
-    g   = softmax(z) - onehot(t)         fp32 math, written over z in place (rows of ignored targets: 0)
+    g   = (softmax(z) - onehot(t)) / n   fp32 math, written over z in place (rows of ignored targets: 0;
+                                         n = the number of counted rows for "mean", 1 for "sum")
     dx_c = g @ W ;   dW += g^T @ x_c     (dW accumulated in fp32)
 
-The loss's own backward then only scales dx and dW by grad_output / n_valid. Memory: one logits chunk
+The loss's own backward then only multiplies dx and dW by grad_output (exact when it is 1, the usual
+case: the gradients are then rounded as the unfused loss's are, scaled before the matmuls). Memory: one logits chunk
 (`chunk_rows x V`, ~2**26 elements by default: 128 MB in bf16 at vocab 32000) plus dx [N, D] and an fp32
 dW [V, D], instead of the bf16 logits, their fp32 upcast, the saved log-softmax and the fp32 and bf16
 gradients of the unfused loss (each [N, V]; ~1.0 + 2.1 + 2.1 + 2.1 + 1.0 GB at 16384 tokens x 32000). FLOPs are
@@ -50,11 +52,11 @@ _CHUNK_ELEMENTS = 1 << 26
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _ce_rows_kernel(
-    Z, stride_zm, T, LOSS, V, ignore_index,
+    Z, stride_zm, T, LOSS, SCALE, V, ignore_index,
     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    # One program per row. Pass 1: per-lane running max and sum of exp2 over the vocab (one reduction at
-    # the end instead of one per block). Pass 2: g = exp(z - lse) - [v == t], stored over z.
+    # One program per row. Pass 1: per-lane running max and sum of exp over the vocab (one reduction at
+    # the end instead of one per block). Pass 2: g = (exp(z - lse) - [v == t]) * scale, stored over z.
     row = tl.program_id(0).to(tl.int64)
     base = Z + row * stride_zm
     t = tl.load(T + row)
@@ -74,37 +76,39 @@ def _ce_rows_kernel(
     z_t = tl.load(base + t_safe).to(tl.float32)
     tl.store(LOSS + row, tl.where(ignored, 0.0, lse - z_t))
     if COMPUTE_GRAD:
-        keep = tl.where(ignored, 0.0, 1.0)
+        keep = tl.where(ignored, 0.0, tl.load(SCALE))
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-            g = (tl.exp(z - lse) - tl.where(cols == t_safe, 1.0, 0.0)) * keep
+            # exp * scale - [v == t] * scale: the rounding of log-softmax's own backward
+            g = tl.exp(z - lse) * keep - tl.where(cols == t_safe, keep, 0.0)
             tl.store(base + cols, g.to(Z.dtype.element_ty), mask=cols < V)
 
 
-def _rows_triton(z: torch.Tensor, t: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:
+def _rows_triton(z: torch.Tensor, t: torch.Tensor, ignore_index: int, grad: bool, scale: torch.Tensor) -> torch.Tensor:
     rows, v = z.shape
     loss = torch.empty(rows, dtype=torch.float32, device=z.device)
     block_v = min(4096, max(16, next_pow2(v)))
     with device_guard(z):
         _ce_rows_kernel[(rows,)](
-            z, z.stride(0), t, loss, v, ignore_index,
+            z, z.stride(0), t, loss, scale, v, ignore_index,
             COMPUTE_GRAD=grad, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
         )  # fmt: skip
     return loss
 
 
-def _rows_torch(z: torch.Tensor, t: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor:
-    """The kernel's math in torch (fp32), for CPU tensors without the interpreter."""
-    zf = z.float()
-    lse = torch.logsumexp(zf, dim=1)
+def _rows_torch(z: torch.Tensor, t: torch.Tensor, ignore_index: int, grad: bool, scale: torch.Tensor) -> torch.Tensor:
+    """The kernel's math in torch (fp32), for CPU tensors without the interpreter: log_softmax and the
+    very formula of its backward (so fp32 results round as F.cross_entropy's do, chunk for chunk)."""
+    logp = torch.log_softmax(z.float(), dim=1)
     valid = t != ignore_index
     t_safe = torch.where(valid, t, 0)
-    loss = torch.where(valid, lse - zf.gather(1, t_safe[:, None])[:, 0], 0.0)
+    loss = torch.where(valid, -logp.gather(1, t_safe[:, None])[:, 0], 0.0)
     if grad:
-        g = torch.exp(zf - lse[:, None])
-        g.scatter_add_(1, t_safe[:, None], -torch.ones_like(lse)[:, None])
-        z.copy_(g * valid[:, None])
+        keep = (valid * scale)[:, None]
+        g = logp.exp_().mul_(keep)
+        g.scatter_add_(1, t_safe[:, None], -keep)
+        z.copy_(g)
     return loss
 
 
@@ -137,43 +141,49 @@ def _launch(
     need_dw: bool,
     chunk: int,
     triton_rows: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss sum fp32 scalar, n_valid fp32 scalar, dx [N, D] in x's dtype or empty, dW fp32 or empty).
-
-    dx and dW are the gradients of the loss SUM (unscaled)."""
-    n, d = x.shape
-    vocab = weight.shape[0]
-    _check_targets(targets, vocab, ignore_index)
+    mean: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss: fp32 scalar, dx: [N, D] in x's dtype or empty, dW: fp32 [V, D] or empty), the
+    gradients being those of the returned (reduced) loss."""
+    _check_targets(targets, weight.shape[0], ignore_index)
     with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit below
-        return _chunk_loop(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows)
+        return _chunk_loop(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean)
 
 
-def _chunk_loop(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows):
+def _chunk_loop(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean):
     n, d = x.shape
     vocab = weight.shape[0]
+    n_valid = (targets != ignore_index).sum().to(torch.float32)
+    # d(loss)/d(logit) scale: 1/n for the mean (1/max(n, 1): zero gradients, not NaN, when every target is
+    # ignored; the loss itself is then NaN as in F.cross_entropy), 1 for the sum. A tensor: no host sync.
+    scale = 1.0 / n_valid.clamp(min=1.0) if mean else torch.ones((), dtype=torch.float32, device=x.device)
     w = weight.to(compute_dtype)
     rows = _rows_triton if triton_rows else _rows_torch
     grad = need_dx or need_dw
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     dx = torch.empty((n, d) if need_dx else (0,), dtype=x.dtype, device=x.device)
-    dw = torch.zeros((vocab, d) if need_dw else (0,), dtype=torch.float32, device=x.device)
+    dw = torch.empty((vocab, d) if need_dw else (0,), dtype=torch.float32, device=x.device)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc = x[s:e].to(compute_dtype)
         z = xc @ w.t()  # [rows, V], contiguous
-        loss[s:e] = rows(z, targets[s:e], ignore_index, grad)
+        loss[s:e] = rows(z, targets[s:e], ignore_index, grad, scale)
         if need_dx:
             if dx.dtype == compute_dtype:
                 torch.mm(z, w, out=dx[s:e])
             else:
                 dx[s:e] = z @ w
         if need_dw:
-            if compute_dtype == torch.float32:
+            if s == 0 and compute_dtype == torch.float32:
+                torch.mm(z.t(), xc, out=dw)
+            elif s == 0:
+                dw.copy_(z.t() @ xc)
+            elif compute_dtype == torch.float32:
                 dw.addmm_(z.t(), xc)
             else:
                 dw.add_(z.t() @ xc)  # fp32 accumulator; each chunk's product in the compute dtype
-    n_valid = (targets != ignore_index).sum().to(torch.float32)
-    return loss.sum(), n_valid, dx, dw
+    total = loss.sum()
+    return (total / n_valid if mean else total), dx, dw
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -183,14 +193,6 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _finish(loss_sum: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    return loss_sum / n_valid if reduction == "mean" else loss_sum
-
-
-def _grad_scale(grad_out: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    return grad_out / n_valid if reduction == "mean" else grad_out
-
-
 # ----------------------------------------------------------------------------------------------------
 # Custom op (torch.compile boundary) and eager autograd.Function
 # ----------------------------------------------------------------------------------------------------
@@ -198,37 +200,37 @@ def _grad_scale(grad_out: torch.Tensor, n_valid: torch.Tensor, reduction: str) -
     "fastgrow::linear_cross_entropy_fwd",
     mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor targets, int ignore_index, ScalarType compute_dtype, bool need_dx, "
-    "bool need_dw, int chunk, bool triton_rows) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bool need_dw, int chunk, bool triton_rows, bool mean) -> (Tensor, Tensor, Tensor)",
 )
-def _lce_fwd_op(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows):
+def _lce_fwd_op(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean):
     with device_guard(x):
-        return _launch(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows)
+        return _launch(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean)
 
 
 @_lce_fwd_op.register_fake
-def _(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows):
-    scalar = x.new_empty((), dtype=torch.float32)
+def _(x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean):
     dx = x.new_empty(tuple(x.shape) if need_dx else (0,))
     dw = x.new_empty((weight.shape[0], x.shape[1]) if need_dw else (0,), dtype=torch.float32)
-    return scalar, torch.empty_like(scalar), dx, dw
+    return x.new_empty((), dtype=torch.float32), dx, dw
 
 
-# The op returns the loss SUM; the reduction and the dtype casts of the gradients happen outside it, in
-# differentiable torch code, so the op's own backward is just "scale the precomputed gradients".
-def _lce_setup(ctx, inputs, output):
-    x, weight = inputs[0], inputs[1]
-    _loss, _n, dx, dw = output
-    ctx.save_for_backward(dx, dw)
-    ctx.mark_non_differentiable(output[1], dx, dw)
-    ctx.dtypes = (x.dtype, weight.dtype)
-
-
-def _lce_backward(ctx, g_loss, _gn, _gdx, _gdw):
-    dx, dw = ctx.saved_tensors
+def _scaled_grads(ctx, g_loss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor):
     x_dtype, w_dtype = ctx.dtypes
     gx = (dx * g_loss).to(x_dtype) if ctx.needs_input_grad[0] else None
     gw = (dw * g_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
-    return gx, gw, None, None, None, None, None, None, None
+    return gx, gw
+
+
+# The op's backward only multiplies the gradients computed in the forward by the upstream gradient.
+def _lce_setup(ctx, inputs, output):
+    _loss, dx, dw = output
+    ctx.save_for_backward(dx, dw)
+    ctx.mark_non_differentiable(dx, dw)
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+
+
+def _lce_backward(ctx, g_loss, _gdx, _gdw):
+    return (*_scaled_grads(ctx, g_loss, *ctx.saved_tensors), None, None, None, None, None, None, None, None)
 
 
 _lce_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup)
@@ -238,24 +240,18 @@ class _LinearCEFn(torch.autograd.Function):
     """Eager twin of the custom op (same launcher, no custom-op dispatch); returns the reduced loss."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, reduction):
+    def forward(ctx, x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean):
         with device_guard(x):
-            loss_sum, n_valid, dx, dw = _launch(
-                x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows
+            loss, dx, dw = _launch(
+                x, weight, targets, ignore_index, compute_dtype, need_dx, need_dw, chunk, triton_rows, mean
             )
-        ctx.save_for_backward(dx, dw, n_valid)
-        ctx.reduction = reduction
+        ctx.save_for_backward(dx, dw)
         ctx.dtypes = (x.dtype, weight.dtype)
-        return _finish(loss_sum, n_valid, reduction)
+        return loss
 
     @staticmethod
     def backward(ctx, g_loss):
-        dx, dw, n_valid = ctx.saved_tensors
-        scale = _grad_scale(g_loss, n_valid, ctx.reduction)
-        x_dtype, w_dtype = ctx.dtypes
-        gx = (dx * scale).to(x_dtype) if ctx.needs_input_grad[0] else None
-        gw = (dw * scale).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None, None, None, None, None, None, None
+        return (*_scaled_grads(ctx, g_loss, *ctx.saved_tensors), None, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,12 +307,13 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     need_dx = grad_on and x.requires_grad
     need_dw = grad_on and weight.requires_grad
+    mean = reduction == "mean"
     if torch.compiler.is_compiling():
-        loss_sum, n_valid, _dx, _dw = torch.ops.fastgrow.linear_cross_entropy_fwd(
-            x2, weight, t, int(ignore_index), cdtype, need_dx, need_dw, int(chunk), triton_rows
+        loss, _dx, _dw = torch.ops.fastgrow.linear_cross_entropy_fwd(
+            x2, weight, t, int(ignore_index), cdtype, need_dx, need_dw, int(chunk), triton_rows, mean
         )
-        return _finish(loss_sum, n_valid, reduction)
-    return _LinearCEFn.apply(x2, weight, t, int(ignore_index), cdtype, need_dx, need_dw, chunk, triton_rows, reduction)
+        return loss
+    return _LinearCEFn.apply(x2, weight, t, int(ignore_index), cdtype, need_dx, need_dw, chunk, triton_rows, mean)
 
 
 def linear_cross_entropy_ref(

@@ -16,7 +16,7 @@ CPU: tiny shapes for the reference and SDPA, and our kernel at one tiny shape wh
 FLOPs (FlashAttention convention): forward 4 * b * h * s^2 * d, halved when causal; backward 2.5x forward.
 Timing: bench/kernel_harness.py (L2 flushed in pedantic's untimed setup, CUDA events around one call).
 Each benchmark stores TFLOP/s and median ms in `benchmark.extra_info` and, when FASTGROW_BENCH_OUT is set,
-appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/results_log.py).
+appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/kernel_harness.py).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ if CUDA:
 else:
     BASE = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
     BATCH, SEQ = 4, 64
-    STEPS, GROW_ROUNDS, COPY_BYTES = 4, 3, 1 << 26
+    STEPS, GROW_ROUNDS, COPY_BYTES = 2, 2, 1 << 24
 PLAN = GrowPlan("stack", factor=4)
 
 

@@ -15,7 +15,8 @@ from fastgrow.config import DataConfig, ModelConfig, TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".txt", ".sh", ".cfg", ".ini", ".yml", ".yaml", ".json", ""}
 # Names the code or a test creates at run time (not documents of the repository).
-GENERATED = {"sub/b.md"}  # tests/test_data.py writes it as a corpus file
+# tests/test_data.py writes sub/b.md as a corpus file; tools/gpu_check.sh writes OUT/summary.md.
+GENERATED = {"sub/b.md", "summary.md", "OUT/summary.md"}
 DOC_REF = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[\w-]+\.md)\b")
 MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 

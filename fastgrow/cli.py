@@ -70,10 +70,10 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    result = train(cfg, resume=args.resume, until_step=args.steps)
+    result = train(cfg, resume=args.resume, resume_from=args.resume_from, until_step=args.steps)
     summary = result.summary()
     print(json.dumps(summary, indent=2))
-    return 143 if result.interrupted else 0
+    return 128 + (result.stop_signal or 15) if result.interrupted else 0
 
 
 # --- demo ------------------------------------------------------------------------------------------------
@@ -168,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (or --resume) a model; growth per the [growth] section")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (it must verify)")
+    p.add_argument(
+        "--resume-from",
+        metavar="STEP",
+        help="continue from this checkpoint of train.out_dir (step-N or N), e.g. when the newest is damaged; "
+        "newer step folders are moved aside, not deleted",
+    )
     p.add_argument("--steps", type=int, help="stop after this many total steps (schedule still uses max_steps)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)

@@ -493,6 +493,7 @@ def grow_checkpoint(
     would. The caller's global RNG state is left as it was. Returns the written step directory.
     """
     from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from fastgrow.runlock import RunLock
 
     src = resolve_checkpoint(in_path)
     out = Path(out_path)
@@ -510,7 +511,8 @@ def grow_checkpoint(
         state = load_checkpoint(src, device, restore_rng=True)
         grown = grow(state, plan)
         tok = src / "tokenizer.json"
-        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+        with RunLock(out):
+            return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fastgrow.data import FORMAT_NAME, FORMAT_VERSION, META_FILE, DataError, sha256_file
+from fastgrow.fsutil import contained_path
 
 _CURSOR_VERSION = 1
 _SPLITS = ("train", "val")
@@ -84,7 +85,8 @@ class TokenData:
         self.vocab_size = int(meta["vocab_size"])
         self.eos_id = int(meta["eos_id"])
         self.num_tokens = int(meta["num_tokens"])
-        self.tokenizer_path = data_dir / meta.get("tokenizer", {}).get("file", "tokenizer.json")
+        tok_file = (meta.get("tokenizer") or {}).get("file", "tokenizer.json")
+        self.tokenizer_path = _inside(data_dir, tok_file)
         self._maps = maps
         # _starts[i] = stream offset of shard i's first token.
         self._starts = [0]
@@ -110,7 +112,7 @@ class TokenData:
         maps: list[np.ndarray] = []
         total = 0
         for shard in meta["shards"]:
-            path = d / shard["file"]
+            path = _inside(d, shard["file"])
             n = int(shard["num_tokens"])
             if not path.is_file():
                 raise FileNotFoundError(f"shard {path} listed in {META_FILE} is missing; re-run `fastgrow prepare`")
@@ -190,8 +192,20 @@ def _check_meta(meta: Any, where: Path) -> None:
     for shard in meta["shards"]:
         if not isinstance(shard, dict) or not {"file", "num_tokens", "sha256"} <= set(shard):
             raise DataError(f"{where}: malformed shard entry {shard!r}")
-        if Path(shard["file"]).name != shard["file"]:
+        if not isinstance(shard["file"], str) or Path(shard["file"]).name != shard["file"]:
             raise DataError(f"{where}: shard file {shard['file']!r} must be a plain file name")
+    tok = meta.get("tokenizer")
+    if tok is not None and (not isinstance(tok, dict) or not isinstance(tok.get("file", ""), str)):
+        raise DataError(f"{where}: malformed tokenizer entry {tok!r}")
+
+
+def _inside(data_dir: Path, name: str) -> Path:
+    """A file named in meta.json, which must stay inside the data folder (no '..', absolute path or
+    symlink out of it: the tokenizer is copied into every checkpoint and export)."""
+    try:
+        return contained_path(data_dir, name, str(data_dir / META_FILE))
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 class BatchLoader:

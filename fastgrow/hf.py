@@ -620,6 +620,6 @@ def import_checkpoint(
     run_cfg = replace(base, model=model_cfg, train=train_config if train_config is not None else base.train)
     state = build_state(run_cfg, device="cpu")
     state.model.load_state_dict(sd, strict=True)  # copies (and casts to the model's fp32) in place
-    tok = d / "tokenizer.json"
+    tok = d / "tokenizer.json" if (d / "tokenizer.json").is_file() else None
     with RunLock(out_run_dir):
-        return save_checkpoint(state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok if tok.is_file() else None)
+        return save_checkpoint(state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok)

@@ -403,7 +403,8 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check the manifest (`read_manifest`) and every file it lists (size and sha256); return the manifest."""
+    """Check the manifest (`read_manifest`), every file it lists (size and sha256) and state.json's keys
+    (`read_state`); return the manifest."""
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
     for name, info in manifest["files"].items():
@@ -417,6 +418,7 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
             raise CheckpointError(f"{f}: unreadable ({io_cause(e)})") from None
         if not good:
             raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+    read_state(ckpt)
     return manifest
 
 

@@ -56,7 +56,6 @@ def newest_good_checkpoint(run_dir: Path, below: int | None = None) -> Path | No
             continue
         try:
             verify_checkpoint(d)
-            read_state(d)
         except CheckpointError:
             continue
         return d
@@ -69,7 +68,6 @@ def checkpoint_to_resume(run_dir: str | Path, resume_from: str | None = None, ec
     if resume_from is not None:
         ckpt = find_checkpoint(run, resume_from)
         verify_checkpoint(ckpt)
-        read_state(ckpt)
         for newer in [d for d in step_dirs(run) if step_of(d) > step_of(ckpt)]:
             aside = newer.with_name(f"{newer.name}.abandoned-{secrets.token_hex(3)}")
             with io_errors("move aside", newer):
@@ -84,7 +82,6 @@ def checkpoint_to_resume(run_dir: str | Path, resume_from: str | None = None, ec
     newest = dirs[-1]
     try:
         verify_checkpoint(newest)
-        read_state(newest)
     except CheckpointError as e:
         good = newest_good_checkpoint(run, below=step_of(newest))
         hint = (

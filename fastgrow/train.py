@@ -154,6 +154,13 @@ def _train(cfg, resume, resume_from, device, echo, until_step) -> TrainResult:
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
             f"set --model.vocab_size={data.vocab_size} or more"
         )
+    split = data.document_split
+    if echo and split is not None and split["val_fraction"] != cfg.data.val_fraction:
+        print(
+            f"fastgrow: note: data.val_fraction={cfg.data.val_fraction} does not apply: {data.data_dir} has its "
+            f"own validation split ({split['val_documents']} documents, {split['val_tokens']:,} tokens)",
+            file=sys.stderr,
+        )
     state = prepare_state(cfg, resume, dev, resume_from, echo)
     if cfg.growth.enabled and not state.growth_history:
         _check_growth_plan(cfg, state)

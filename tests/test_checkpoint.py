@@ -167,7 +167,7 @@ def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path):
             r"leaves its folder",
         ),
     }
-    for i, (what, (damage, message)) in enumerate(cases.items()):
+    for i, (damage, message) in enumerate(cases.values()):
         run = tmp_path / f"run{i}"
         ckpt = save_checkpoint(st, run)
         damage(ckpt)

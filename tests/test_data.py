@@ -15,7 +15,6 @@ pytest.importorskip("datasets")
 
 from fastgrow import data as fdata  # noqa: E402
 from fastgrow import token_writer  # noqa: E402
-from fastgrow.sources import check_text_file  # noqa: E402
 from fastgrow.data import (  # noqa: E402
     EOS_TOKEN,
     DataError,
@@ -27,6 +26,7 @@ from fastgrow.data import (  # noqa: E402
     token_dtype,
 )
 from fastgrow.loader import TokenData  # noqa: E402
+from fastgrow.sources import check_text_file  # noqa: E402
 
 WORDS = [
     "the",

@@ -63,12 +63,13 @@ class IOFailure(OSError):
 
 def io_cause(e: BaseException) -> str:
     """The cause of an I/O failure in words. OSError: its strerror (plus the file it names). safetensors
-    reports a failed write as `SafetensorError: ... IoError(Os { code: 28, ... })`: the code is decoded."""
+    (Rust) reports a failed write as `... IoError(Os { code: 28, ... })` or `... (os error 28)`: the code
+    is decoded."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f" ({e.filename})" if e.filename else "")
-    m = re.search(r"\bcode: (\d+)", str(e))
+    m = re.search(r"\bcode: (\d+)|\(os error (\d+)\)", str(e))
     if m:
-        return os.strerror(int(m.group(1)))
+        return os.strerror(int(m.group(1) or m.group(2)))
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 

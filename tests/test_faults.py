@@ -157,3 +157,31 @@ def test_read_metrics_keeps_the_latest_of_repeated_steps(tmp_path):
     p.write_text('{"kind": "train", "step": 1}\nnot json\n{"kind": "train", "step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
         read_metrics(p)
+
+
+def _fill(mnt, leave: int) -> None:
+    st = os.statvfs(mnt)
+    (mnt / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def test_full_disk_in_export_and_grow_leaves_nothing(tiny_data, tmp_path, small_tmpfs):
+    from fastgrow.fsutil import IOFailure
+    from fastgrow.grow import GrowPlan, grow_checkpoint
+    from fastgrow.hf import export_checkpoint
+
+    src = train(tiny_run_config(tiny_data, tmp_path / "src", max_steps=2), echo=False).checkpoint
+    _fill(small_tmpfs, 60_000)  # less than one model's weights
+    with pytest.raises(IOFailure, match=rf"cannot write {small_tmpfs}/hf: No space left on device"):
+        export_checkpoint(src, small_tmpfs / "hf")
+    with pytest.raises(IOFailure, match=rf"cannot write checkpoint {small_tmpfs}/grown/step-00000002: No space left"):
+        grow_checkpoint(src, small_tmpfs / "grown", GrowPlan(depth="stack", factor=2))
+    leftovers = [p.name for p in small_tmpfs.rglob("*") if p.name not in ("filler", "grown", ".lock")]
+    assert leftovers == []
+
+
+def test_read_only_run_directory_is_one_line(tiny_data, tmp_path, small_tmpfs):
+    (small_tmpfs / "run").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    p = run_cli("train", "--config", write_toml(tiny_run_config(tiny_data, small_tmpfs / "run"), tmp_path / "c.toml"))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert f"cannot create the run lock {small_tmpfs}/run/.lock: Read-only file system" in p.stderr, p.stderr

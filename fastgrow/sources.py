@@ -271,11 +271,17 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _missing(where: str, text_field: str, row: dict, skip_missing: bool, stats: ReadStats) -> None:
-    """A record without `text_field` (absent or null): counted with skip_missing, else an error."""
+def _record_text(row: dict, text_field: str, where: str, skip_missing: bool, stats: ReadStats) -> str | None:
+    """A record's text; None for a record without `text_field` (absent or null) when skip_missing (it is
+    counted), an error otherwise; a non-string value is an error."""
+    value = row.get(text_field)
+    if isinstance(value, str):
+        return value
+    if value is not None:
+        raise DataError(f"{where}: field {text_field!r} is {type(value).__name__}, not text")
     if skip_missing:
         stats.skipped_records += 1
-        return
+        return None
     what = "is null" if text_field in row else f"is missing (fields: {sorted(row)})"
     raise DataError(
         f"{where}: field {text_field!r} {what}; set --text-field, or pass --skip-missing to skip such records"
@@ -306,13 +312,9 @@ def _jsonl_documents(part: Part, text_field: str, skip_missing: bool, stats: Rea
                 raise DataError(f"{path}:{lineno}: not a JSON line ({_first_line(e)})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: a JSON {type(row).__name__}, not an object with a text field")
-            value = row.get(text_field)
-            if value is None:
-                _missing(f"{path}:{lineno}", text_field, row, skip_missing, stats)
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(value).__name__}, not text")
-            yield value
+            value = _record_text(row, text_field, f"{path}:{lineno}", skip_missing, stats)
+            if value is not None:
+                yield value
 
 
 def _guarded(rows: Iterable[dict], what: str) -> Iterator[dict]:
@@ -332,13 +334,9 @@ def _rows_text(
     rows: Iterable[dict], text_field: str, where: str, skip_missing: bool, stats: ReadStats
 ) -> Iterator[str]:
     for i, row in enumerate(rows):
-        value = row.get(text_field)
-        if value is None:
-            _missing(f"{where} record {i}", text_field, row, skip_missing, stats)
-            continue
-        if not isinstance(value, str):
-            raise DataError(f"{where}: record {i} field {text_field!r} is {type(value).__name__}, not text")
-        yield value
+        value = _record_text(row, text_field, f"{where} record {i}", skip_missing, stats)
+        if value is not None:
+            yield value
 
 
 def _datasets_documents(part: Part, text_field: str, skip_missing: bool, stats: ReadStats) -> Iterator[str]:

@@ -17,18 +17,6 @@ from fastgrow.metrics import read_metrics
 from fastgrow.train import TrainingAborted, train
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 3 MB tmpfs (root only; skipped where mounting is not allowed)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_during_training_is_one_line(tiny_data, tmp_path, small_tmpfs):
     cfg = tiny_run_config(tiny_data, small_tmpfs / "run", max_steps=40, ckpt_every=4)
     probe = train(tiny_run_config(tiny_data, tmp_path / "probe", max_steps=4), echo=False).checkpoint

@@ -9,12 +9,22 @@ Layout of a run directory:
         state.json             step, tokens, data cursor, RNG states, schedule, growth history, the run
                                config (what a resume must agree with) and the current model architecture
         tokenizer.json         copy of the run's tokenizer, when known (for export)
-        manifest.json          written LAST: every file with its size and sha256
+        manifest.json          written LAST: the layout ("single") and every file with its size and sha256
 
 A checkpoint is written into `step-N.tmp-<random>`, each file fsynced, the manifest last, then the
 directory is renamed to `step-N` and the parent fsynced. Only directories named `step-N` (no `.tmp-`)
 that hold a manifest count as complete, so a process killed mid-write leaves the previous checkpoint
 as the newest complete one. The newest `keep` complete checkpoints are kept.
+
+Deleting is the same protocol backwards: a checkpoint is first renamed to `step-N.del-<random>` (and the
+parent fsynced), then removed, so a process killed while pruning never leaves a `step-N` that looks
+complete but is not. `.del-` and `.tmp-` leftovers are never listed; `clean_leftovers` (run by the lock
+holder) removes them.
+
+Verification (`verify_checkpoint`) is strict: the manifest's layout names the files its loader reads
+(`LAYOUTS`); each must be listed, present, of the listed size and sha256, and inside the folder. The
+sharded layout of distributed runs registers itself in `LAYOUTS` the same way. Manifests written before
+layouts existed have no "layout" key and are read as "single".
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ import base64
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +45,51 @@ from safetensors.torch import load_file, save_file
 
 from fastgrow import __version__
 from fastgrow.config import ConfigError, ModelConfig, RunConfig, growth_from_legacy
-from fastgrow.fsutil import fsync_dir, fsync_file, sha256_file, write_json_durable
+from fastgrow.fsutil import (
+    IOFailure,
+    contained_path,
+    fsync_dir,
+    fsync_file,
+    io_cause,
+    io_errors,
+    is_io_error,
+    sha256_file,
+    write_json_durable,
+)
 from fastgrow.model import Transformer
 from fastgrow.optim import LRSchedule, build_optimizer
 from fastgrow.state import TrainState
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
+# Leftovers: a write that was killed (`step-N.tmp-*`) or a delete that was killed (`step-N.del-*`).
+_LEFTOVER_RE = re.compile(r"^step-\d+\.(tmp|del)-")
 MANIFEST = "manifest.json"
+STATE = "state.json"
+# Keys of state.json that load_checkpoint reads (the others are optional or informational).
+STATE_KEYS = ("format_version", "step", "tokens", "cursor", "schedule", "growth_history", "config", "model_config")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The files a checkpoint layout's loader reads. Every `required` file must be listed in the manifest;
+    an `optional` file is read when present, so when present it must be listed too; names matching
+    `pattern` (e.g. per-rank shards) may be listed as well. Anything else listed is an error."""
+
+    name: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    pattern: str | None = None
+
+    def allows(self, name: str) -> bool:
+        return name in self.required or name in self.optional or bool(self.pattern and re.fullmatch(self.pattern, name))
+
+
+# The single-process layout; the distributed (sharded) layout adds its own entry.
+LAYOUTS: dict[str, Layout] = {
+    "single": Layout("single", ("model.safetensors", "optimizer.safetensors", STATE), ("tokenizer.json",)),
+}
+DEFAULT_LAYOUT = "single"  # manifests written before the "layout" key existed
 
 # Run-config fields that may change between a run and its resume: they affect logging, speed or where
 # things are, not the optimisation trajectory.
@@ -67,9 +116,6 @@ RESUME_MUTABLE = {
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file."""
-
-
-# --- small file helpers ------------------------------------------------------------------------------
 
 
 # --- state <-> tensors ---------------------------------------------------------------------------------
@@ -139,17 +185,22 @@ def _set_rng_state(d: dict[str, Any]) -> None:
 # --- listing ---------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in `run_dir` (named step-N, with a manifest), oldest first."""
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """Every `step-N` directory of `run_dir`, complete or not, oldest first (leftovers excluded)."""
     d = Path(run_dir)
     if not d.is_dir():
         return []
     found = []
     for child in d.iterdir():
         m = _STEP_RE.match(child.name)
-        if m and child.is_dir() and (child / MANIFEST).is_file():
+        if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `run_dir` (named step-N, with a manifest), oldest first."""
+    return [p for p in step_dirs(run_dir) if (p / MANIFEST).is_file()]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -157,105 +208,237 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def step_of(ckpt: str | Path) -> int:
+    m = _STEP_RE.match(Path(ckpt).name)
+    if not m:
+        raise ValueError(f"{ckpt} is not a checkpoint folder name (step-N)")
+    return int(m.group(1))
+
+
+def clean_leftovers(run_dir: str | Path) -> list[str]:
+    """Remove the `step-N.tmp-*` / `step-N.del-*` folders of killed writes and deletes; return their names.
+    Only the holder of the run's lock may call this: another process's write in progress is a `.tmp-`."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    gone = []
+    for child in d.iterdir():
+        if _LEFTOVER_RE.match(child.name) and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+            gone.append(child.name)
+    return sorted(gone)
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint folder so that no crash can leave it looking complete: rename it to a `.del-`
+    name first (made durable), then remove it."""
+    doomed = ckpt.with_name(f"{ckpt.name}.del-{secrets.token_hex(4)}")
+    with io_errors("remove checkpoint", ckpt):
+        os.replace(ckpt, doomed)
+        fsync_dir(ckpt.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 # --- save ------------------------------------------------------------------------------------------------
 
 
 def save_checkpoint(
-    state: TrainState, run_dir: str | Path, keep: int = 2, *, tokenizer: str | Path | None = None
+    state: TrainState,
+    run_dir: str | Path,
+    keep: int = 2,
+    *,
+    tokenizer: str | Path | None = None,
+    metrics_records: int | None = None,
 ) -> Path:
-    """Write `state` as `run_dir/step-<step>` atomically; keep the newest `keep` (>= 2) checkpoints."""
+    """Write `state` as `run_dir/step-<step>` atomically; keep the newest `keep` (>= 2) checkpoints.
+
+    metrics_records: how many records metrics.jsonl held at this step; a resume from this checkpoint cuts
+    the log back to them (the steps after it are re-logged). An I/O failure (disk full, read-only file
+    system, ...) raises IOFailure naming the checkpoint, the cause and the newest complete checkpoint;
+    nothing of the failed write remains."""
     if keep < 2:
         raise ValueError(f"keep must be >= 2 so a crash during a write leaves a good checkpoint, got {keep}")
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     final = run / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=run))
+    tmp: Path | None = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as any dir
-        weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "fastgrow_version": __version__,
-            "step": state.step,
-            "tokens": state.tokens,
-            "bad_steps": state.bad_steps,
-            "cursor": state.cursor,
-            "schedule": state.schedule.state_dict(),
-            "growth_history": state.growth_history,
-            "config": state.config.to_dict(),
-            "model_config": state.model.cfg.architecture(),
-            "rng": _rng_state(),
-        }
-        write_json_durable(tmp / "state.json", meta)
-        if tokenizer is not None and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            fsync_file(f)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        write_json_durable(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": state.step, "files": files})
-        fsync_dir(tmp)
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=run))
+        _write_files(state, tmp, tokenizer, metrics_records)
         if final.exists():  # an earlier checkpoint of the same step (e.g. re-saved after a resume)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(run)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_io_error(e) and not isinstance(e, IOFailure):
+            newest = latest_checkpoint(run)
+            where = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists"
+            raise IOFailure(
+                f"cannot write checkpoint {final}: {io_cause(e)}; {where}", getattr(e, "errno", None)
+            ) from e
         raise
     _prune(run, keep)
     return final
 
 
+def _write_files(state: TrainState, tmp: Path, tokenizer: str | Path | None, metrics_records: int | None) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as any dir
+    weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "fastgrow_version": __version__,
+        "step": state.step,
+        "tokens": state.tokens,
+        "bad_steps": state.bad_steps,
+        "cursor": state.cursor,
+        "schedule": state.schedule.state_dict(),
+        "growth_history": state.growth_history,
+        "config": state.config.to_dict(),
+        "model_config": state.model.cfg.architecture(),
+        "rng": _rng_state(),
+    }
+    if metrics_records is not None:
+        meta["metrics_records"] = metrics_records
+    write_json_durable(tmp / STATE, meta)
+    if tokenizer is not None and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        fsync_file(f)
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    manifest = {"format_version": FORMAT_VERSION, "layout": "single", "step": state.step, "files": files}
+    write_json_durable(tmp / MANIFEST, manifest)
+    fsync_dir(tmp)
+
+
 def _prune(run: Path, keep: int) -> None:
-    ckpts = list_checkpoints(run)
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    # Leftovers of writes that were killed: never complete, safe to remove once a newer one exists.
-    for child in run.iterdir():
-        if ".tmp-" in child.name and child.is_dir() and _STEP_RE.match(child.name.split(".tmp-")[0]):
-            shutil.rmtree(child, ignore_errors=True)
+    """Keep the newest `keep` complete checkpoints; remove older step folders (complete or damaged) and
+    the leftovers of killed writes/deletes."""
+    complete = list_checkpoints(run)
+    if len(complete) > keep:
+        oldest_kept = step_of(complete[-keep])
+        for old in step_dirs(run):
+            if step_of(old) < oldest_kept:
+                remove_checkpoint(old)
+    clean_leftovers(run)
 
 
 # --- load ------------------------------------------------------------------------------------------------
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory as given, or the newest complete checkpoint of a run directory."""
+    """A step directory as given, or the newest checkpoint of a run directory. A newest step folder that
+    is incomplete is an error naming the newest complete one (never a silent fall back to it)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path not found: {p}")
     if (p / MANIFEST).is_file():
         return p
-    if _STEP_RE.match(p.name) or ".tmp-" in p.name:
+    if _STEP_RE.match(p.name) or ".tmp-" in p.name or ".del-" in p.name:
         raise CheckpointError(f"{p} is an incomplete checkpoint (no {MANIFEST}); it was not fully written")
-    latest = latest_checkpoint(p)
-    if latest is None:
+    dirs = step_dirs(p)
+    if not dirs:
         raise FileNotFoundError(f"no complete checkpoint (step-N/{MANIFEST}) in {p}")
-    return latest
+    newest = dirs[-1]
+    if not (newest / MANIFEST).is_file():
+        older = latest_checkpoint(p)
+        hint = f"the newest complete one is {older}; pass that folder" if older else "no complete one exists"
+        raise CheckpointError(f"the newest checkpoint {newest} is incomplete (no {MANIFEST}); {hint}")
+    return newest
 
 
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check every file of the manifest (size and sha256); return the manifest."""
+def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / MANIFEST}: unreadable manifest ({e})") from None
-    for name, info in manifest.get("files", {}).items():
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable {what} ({io_cause(e)})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON in the {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: the {what} is not a JSON object")
+    return obj
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    """The manifest, checked for shape: a known layout listing every file its loader reads, each with an
+    integer size and a sha256, each name inside the folder."""
+    path = ckpt / MANIFEST
+    manifest = _read_json(path, "manifest")
+    name = manifest.get("layout", DEFAULT_LAYOUT)
+    layout = LAYOUTS.get(name) if isinstance(name, str) else None
+    if layout is None:
+        raise CheckpointError(f"{path}: unknown checkpoint layout {name!r} (this fastgrow reads {sorted(LAYOUTS)})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path}: lists no files (a complete checkpoint lists {', '.join(layout.required)})")
+    for fname, info in files.items():
+        try:
+            contained_path(ckpt, fname, str(path))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if not layout.allows(fname):
+            raise CheckpointError(f"{path}: lists {fname!r}, which is not a file of the {layout.name!r} layout")
+        ok = isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)
+        if not ok:
+            raise CheckpointError(f"{path}: entry {fname!r} needs integer 'bytes' and string 'sha256', got {info!r}")
+    missing = [f for f in layout.required if f not in files]
+    if missing:
+        raise CheckpointError(
+            f"{path}: does not list {', '.join(missing)} (every file the loader reads must be listed and checked)"
+        )
+    unlisted = [f for f in layout.optional if f not in files and (ckpt / f).exists()]
+    if unlisted:
+        raise CheckpointError(f"{path}: {', '.join(unlisted)} is present but not listed (it would be read unchecked)")
+    m = _STEP_RE.match(ckpt.name)
+    if m and "step" in manifest and manifest["step"] != int(m.group(1)):
+        raise CheckpointError(f"{path}: step {manifest['step']!r} does not match the folder name {ckpt.name}")
     return manifest
 
 
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check the manifest (`read_manifest`), every file it lists (size and sha256) and state.json's keys
+    (`read_state`); return the manifest."""
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    for name, info in manifest["files"].items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        try:
+            size = f.stat().st_size
+            good = size == info["bytes"] and sha256_file(f) == info["sha256"]
+        except OSError as e:
+            raise CheckpointError(f"{f}: unreadable ({io_cause(e)})") from None
+        if not good:
+            raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+    read_state(ckpt)
+    return manifest
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """state.json with the keys the loader needs (a missing one is a CheckpointError naming the file)."""
+    path = Path(ckpt) / STATE
+    meta = _read_json(path, "training state")
+    missing = [k for k in STATE_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {meta['format_version']!r}")
+    return meta
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
-    ckpt = resolve_checkpoint(path)
-    return json.loads((ckpt / "state.json").read_text())
+    return read_state(resolve_checkpoint(path))
 
 
 def config_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
@@ -305,9 +488,9 @@ def load_checkpoint(
     ckpt = resolve_checkpoint(path)
     if verify:
         verify_checkpoint(ckpt)
-    meta = json.loads((ckpt / "state.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{ckpt}: unsupported checkpoint format {meta.get('format_version')!r}")
+    else:
+        read_manifest(ckpt)
+    meta = read_state(ckpt)
     saved_cfg = meta["config"]
     if config is not None:
         diffs = config_differences(saved_cfg, config)
@@ -347,9 +530,7 @@ def load_checkpoint(
     if state.schedule.total_steps != run_cfg.train.max_steps:
         # A resume with a new train.max_steps re-targets the decay to the new end of the run.
         state.schedule.total_steps = run_cfg.train.max_steps
-    opt_path = ckpt / "optimizer.safetensors"
-    if opt_path.is_file():
-        load_optimizer_tensors(state, load_file(str(opt_path), device=str(dev)))
+    load_optimizer_tensors(state, load_file(str(ckpt / "optimizer.safetensors"), device=str(dev)))
     if restore_rng and "rng" in meta:
         _set_rng_state(meta["rng"])
     return state

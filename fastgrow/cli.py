@@ -87,20 +87,27 @@ def _split_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[s
 
 
 def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
-    from fastgrow.data import describe, prepare
+    from fastgrow.data import default_out_dir, describe, prepare
 
     sources = args.sources or ["stdlib"]
+    source = sources if len(sources) > 1 else sources[0]
+    out = args.out or default_out_dir(source)
     meta = prepare(
-        sources if len(sources) > 1 else sources[0],
-        args.out,
+        source,
+        out,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         text_field=args.text_field,
         max_bytes=parse_count(args.max_bytes) if args.max_bytes else None,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        eos_token=args.eos_token,
+        skip_missing=args.skip_missing,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        doc_chars=args.doc_chars,
     )
-    print(describe(meta, args.out))
+    print(describe(meta, out))
     return 0
 
 
@@ -117,10 +124,10 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         return 0
     from fastgrow.train import train
 
-    result = train(cfg, resume=args.resume, until_step=args.steps)
+    result = train(cfg, resume=args.resume, resume_from=args.resume_from, until_step=args.steps)
     summary = result.summary()
     print(json.dumps(summary, indent=2))
-    return 143 if result.interrupted else 0
+    return 128 + (result.stop_signal or 15) if result.interrupted else 0
 
 
 # --- demo ------------------------------------------------------------------------------------------------
@@ -243,11 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="'stdlib' (this Python's standard library .py files), local files/folders (.txt .md .py .jsonl "
         ".json .parquet), or hf:NAME[:CONFIG][@SPLIT] for a Hugging Face Hub dataset",
     )
-    p.add_argument("--out", default="data/stdlib", help="output directory (default: data/stdlib)")
+    p.add_argument("--out", help="output directory (default: data/<name of the first source>, e.g. data/stdlib)")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training a byte-level BPE")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size to train (default 4096)")
-    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet (default text)")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size to train (default 4096; not with --tokenizer)")
+    p.add_argument("--eos-token", default="<|endoftext|>", help="end-of-text token (default <|endoftext|>)")
+    p.add_argument("--text-field", help="field holding the text in jsonl/json/parquet/hf records (default text)")
+    p.add_argument("--skip-missing", action="store_true", help="skip (and count) records without the text field")
     p.add_argument("--max-bytes", help="take at most this much text, e.g. 20M (default: all)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of documents held out (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation draw (default 0)")
+    p.add_argument(
+        "--doc-chars",
+        type=int,
+        default=1_000_000,
+        help="split text files longer than this into documents at blank lines (default 1000000)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
@@ -262,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (it must verify)")
+    p.add_argument(
+        "--resume-from",
+        metavar="STEP",
+        help="continue from this checkpoint of train.out_dir (step-N or N), e.g. when the newest is damaged; "
+        "newer step folders are moved aside, not deleted",
+    )
     p.add_argument("--steps", type=int, help="stop after this many total steps (schedule still uses max_steps)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)

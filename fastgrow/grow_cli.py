@@ -47,6 +47,7 @@ def grow_checkpoint(
 
     from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
     from fastgrow.grow import grow
+    from fastgrow.runlock import RunLock
 
     src = resolve_checkpoint(in_path)
     out = Path(out_path)
@@ -65,7 +66,8 @@ def grow_checkpoint(
         grown = grow(state, plan)
         grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
         tok = src / "tokenizer.json"
-        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+        with RunLock(out):
+            return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

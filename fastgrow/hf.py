@@ -43,7 +43,7 @@ import torch
 
 from fastgrow.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from fastgrow.errors import option_error
-from fastgrow.fsutil import fsync_dir, fsync_file
+from fastgrow.fsutil import IOFailure, fsync_dir, fsync_file, io_cause, io_errors, is_io_error
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
 DEFAULT_SPECIAL_TOKEN = "<|endoftext|>"
@@ -494,8 +494,9 @@ def export_model(
     dtype_name = {v: k for k, v in _DTYPES.items()}.get(next(iter(dtypes))) if len(dtypes) == 1 else None
     if dtype_name is None:
         raise ValueError(f"weights must share one dtype of {sorted(_DTYPES)} to export, got {dtypes}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with io_errors("create a folder in", out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None}
         if tokenizer is not None:
@@ -520,8 +521,10 @@ def export_model(
             metadata={"format": "pt"},
         )
         _publish(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and is_io_error(e) and not isinstance(e, IOFailure):
+            raise IOFailure(f"cannot write {out}: {io_cause(e)}", getattr(e, "errno", None)) from e
         raise
     return out
 
@@ -538,11 +541,11 @@ def export_checkpoint(
     checkpoint) -> a LlamaForCausalLM folder, with the tokenizer if the checkpoint holds tokenizer.json."""
     from safetensors.torch import load_file
 
-    from fastgrow.checkpoint import resolve_checkpoint, verify_checkpoint
+    from fastgrow.checkpoint import read_state, resolve_checkpoint, verify_checkpoint
 
     ckpt = resolve_checkpoint(ckpt_path)
     verify_checkpoint(ckpt)
-    meta = json.loads((ckpt / "state.json").read_text())
+    meta = read_state(ckpt)
     # The architecture of the weights as saved (after growth it differs from the run's [model]).
     cfg = ModelConfig(**meta["model_config"])
     weights = load_file(str(ckpt / "model.safetensors"))
@@ -604,6 +607,7 @@ def import_checkpoint(
     checks its config against this one, so pass the config the run will continue with.
     Returns the checkpoint's step directory."""
     from fastgrow.checkpoint import latest_checkpoint, save_checkpoint
+    from fastgrow.runlock import RunLock
     from fastgrow.state import build_state
 
     d = Path(hf_dir)
@@ -623,5 +627,6 @@ def import_checkpoint(
     run_cfg = replace(base, model=model_cfg, train=train_config if train_config is not None else base.train)
     state = build_state(run_cfg, device="cpu")
     state.model.load_state_dict(sd, strict=True)  # copies (and casts to the model's fp32) in place
-    tok = d / "tokenizer.json"
-    return save_checkpoint(state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok if tok.is_file() else None)
+    tok = d / "tokenizer.json" if (d / "tokenizer.json").is_file() else None
+    with RunLock(out_run_dir):
+        return save_checkpoint(state, out_run_dir, keep=run_cfg.train.keep_ckpts, tokenizer=tok)

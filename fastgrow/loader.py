@@ -7,8 +7,10 @@ Public API
     with numpy (nothing is copied), and when ``verify`` checks every shard's size and sha256 (and the
     tokenizer's). Attributes: ``data_dir``, ``meta``, ``vocab_size``, ``eos_id``, ``num_tokens``, ``dtype``,
     ``tokenizer_path``. ``read(start, n)`` copies ``n`` tokens of the stream (across shard boundaries);
-    ``split(val_fraction) -> (train_view, val_view)``: validation is the LAST ``round(num_tokens *
-    val_fraction)`` tokens (at least 1), contiguous; training is everything before it.
+    ``split(val_fraction) -> (train_view, val_view)``: validation is the end of the stream, contiguous:
+    the prepared document-level split's ``val_tokens`` when meta.json has one (prepare writes the
+    validation documents last), else the LAST ``round(num_tokens * val_fraction)`` tokens (at least 1,
+    folders prepared before splits existed); training is everything before it.
 ``BatchLoader(data, *, split, batch_size, seq_len, val_fraction, seed)``
     ``next_batch() -> (x, y)``: int64 CPU tensors ``[batch_size, seq_len]``, ``y`` is ``x`` shifted by
     one. The view is cut into ``num_windows = (len(view) - 1) // seq_len`` windows; window ``i`` is the
@@ -42,6 +44,7 @@ import numpy as np
 import torch
 
 from fastgrow.data import FORMAT_NAME, FORMAT_VERSION, META_FILE, DataError, sha256_file
+from fastgrow.fsutil import contained_path
 
 _CURSOR_VERSION = 1
 _SPLITS = ("train", "val")
@@ -84,7 +87,8 @@ class TokenData:
         self.vocab_size = int(meta["vocab_size"])
         self.eos_id = int(meta["eos_id"])
         self.num_tokens = int(meta["num_tokens"])
-        self.tokenizer_path = data_dir / meta.get("tokenizer", {}).get("file", "tokenizer.json")
+        tok_file = (meta.get("tokenizer") or {}).get("file", "tokenizer.json")
+        self.tokenizer_path = _inside(data_dir, tok_file)
         self._maps = maps
         # _starts[i] = stream offset of shard i's first token.
         self._starts = [0]
@@ -110,7 +114,7 @@ class TokenData:
         maps: list[np.ndarray] = []
         total = 0
         for shard in meta["shards"]:
-            path = d / shard["file"]
+            path = _inside(d, shard["file"])
             n = int(shard["num_tokens"])
             if not path.is_file():
                 raise FileNotFoundError(f"shard {path} listed in {META_FILE} is missing; re-run `fastgrow prepare`")
@@ -154,14 +158,23 @@ class TokenData:
             i += 1
         return out
 
+    @property
+    def document_split(self) -> dict[str, Any] | None:
+        """meta.json's document-level validation split (made by prepare), or None (legacy / tail)."""
+        split = self.meta.get("split")
+        return split if isinstance(split, dict) and split.get("method") == "documents" else None
+
     def val_tokens(self, val_fraction: float) -> int:
-        """How many tokens the validation split holds for `val_fraction` (at least 1)."""
+        """How many tokens the validation split holds: the prepared document split's `val_tokens` when the
+        data has one (its documents end the stream), else `val_fraction` of the stream (at least 1)."""
         if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if self.document_split is not None:
+            return int(self.document_split["val_tokens"])
         return min(self.num_tokens, max(1, round(self.num_tokens * val_fraction)))
 
     def split(self, val_fraction: float) -> tuple[TokenView, TokenView]:
-        """(train, val): validation is the last `val_fraction` of the stream, contiguous."""
+        """(train, val): validation is the end of the stream, contiguous (see `val_tokens`)."""
         cut = self.num_tokens - self.val_tokens(val_fraction)
         return TokenView(self, 0, cut), TokenView(self, cut, self.num_tokens)
 
@@ -190,8 +203,25 @@ def _check_meta(meta: Any, where: Path) -> None:
     for shard in meta["shards"]:
         if not isinstance(shard, dict) or not {"file", "num_tokens", "sha256"} <= set(shard):
             raise DataError(f"{where}: malformed shard entry {shard!r}")
-        if Path(shard["file"]).name != shard["file"]:
+        if not isinstance(shard["file"], str) or Path(shard["file"]).name != shard["file"]:
             raise DataError(f"{where}: shard file {shard['file']!r} must be a plain file name")
+    split = meta.get("split")
+    if isinstance(split, dict) and split.get("method") == "documents":
+        n = split.get("val_tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < int(meta["num_tokens"]):
+            raise DataError(f"{where}: split.val_tokens {n!r} must be an integer in (0, num_tokens)")
+    tok = meta.get("tokenizer")
+    if tok is not None and (not isinstance(tok, dict) or not isinstance(tok.get("file", ""), str)):
+        raise DataError(f"{where}: malformed tokenizer entry {tok!r}")
+
+
+def _inside(data_dir: Path, name: str) -> Path:
+    """A file named in meta.json, which must stay inside the data folder (no '..', absolute path or
+    symlink out of it: the tokenizer is copied into every checkpoint and export)."""
+    try:
+        return contained_path(data_dir, name, str(data_dir / META_FILE))
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 class BatchLoader:

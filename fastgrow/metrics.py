@@ -9,6 +9,7 @@ causal mask). `mfu = flops_per_token * tokens_per_s / peak`, peak = the device's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastgrow.fsutil import io_errors
 
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' datasheets.
 _PEAKS = (
@@ -52,19 +55,28 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `path` (flushed per line, so a crash loses nothing logged)."""
+    """Appends one JSON object per line to `path` (flushed per line, so a crash loses nothing logged).
+
+    `records` counts the complete records in the file (those already there when opened included); a
+    checkpoint stores it so a resume can cut the log back to the checkpoint (`fastgrow.resume`). A failed
+    write (disk full, ...) raises IOFailure naming the file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
+        with io_errors("open the metrics log", self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.records = _count_records(self.path)
+            self._f = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed by close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, sort_keys=True) + "\n")
-        self._f.flush()
+        with io_errors("write", self.path):
+            self._f.write(json.dumps(record, sort_keys=True) + "\n")
+            self._f.flush()
+        self.records += 1
 
     def close(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # a full disk fails the last flush again; write() reported it
+            self._f.close()
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -73,15 +85,40 @@ class MetricsLog:
         self.close()
 
 
+def _count_records(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            n += line.endswith(b"\n") and bool(line.strip())
+    return n
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in file order, each (kind, step) once: logs of runs resumed by older
+    fastgrow versions repeat the steps replayed after a checkpoint, and the later record wins (at the
+    position of the first, so the order stays by step). A last line cut by a crash is skipped; a bad line
+    elsewhere is an error naming it."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"metrics file not found: {p}")
-    out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"{p}:{i}: not a JSON line") from None
+    out: list[dict[str, Any]] = []
+    where: dict[tuple[str, Any], int] = {}
+    lines = p.read_text().split("\n")
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                break
+            raise ValueError(f"{p}:{i}: not a JSON line") from None
+        key = (rec.get("kind"), rec.get("step"))
+        if key in where and key[1] is not None:
+            out[where[key]] = rec
+        else:
+            where[key] = len(out)
+            out.append(rec)
     return out

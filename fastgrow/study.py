@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -189,10 +188,10 @@ def _execute(run: PlannedRun, device: str | None, echo: bool, keep_checkpoints: 
     }
     _write_text(marker, json.dumps(payload, indent=2, sort_keys=True) + "\n")
     if not keep_checkpoints:
-        from fastgrow.checkpoint import list_checkpoints
+        from fastgrow.checkpoint import list_checkpoints, remove_checkpoint
 
         for ckpt in list_checkpoints(run.run_dir):  # complete step-N dirs of this run only, after the marker
-            shutil.rmtree(ckpt)
+            remove_checkpoint(ckpt)  # renamed to .del- first: a kill here leaves nothing that looks complete
     return RunOutcome(run, status, wall, error)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,15 +19,18 @@ from typing import Any
 
 import torch
 
-from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastgrow.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint, step_dirs
 from fastgrow.config import ConfigError, RunConfig
 from fastgrow.errors import option_error
 from fastgrow.grow_event import GrowthContext, run_growth_event
+from fastgrow.interrupts import StopSignals
 from fastgrow.loader import BatchLoader, TokenData
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
 from fastgrow.optim import set_lr
 from fastgrow.report import Reporter, check_reporting
+from fastgrow.resume import checkpoint_to_resume, rewind_metrics
+from fastgrow.runlock import RunLock
 from fastgrow.stages import check_stages
 from fastgrow.state import TrainState, build_state, resolve_device
 
@@ -43,6 +45,7 @@ class TrainResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: Path | None = None
     interrupted: bool = False
+    stop_signal: int | None = None  # the signal (SIGINT/SIGTERM) that interrupted the run
 
     def summary(self) -> dict[str, Any]:
         train = [r for r in self.records if r["kind"] == "train"]
@@ -61,28 +64,6 @@ class TrainResult:
 def _mean(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(xs) / len(xs) if xs else None
-
-
-class _SigtermFlag:
-    """Sets a flag on SIGTERM so the loop can save a checkpoint and exit between steps."""
-
-    def __init__(self) -> None:
-        self.hit = False
-        self._old = None
-
-    def __enter__(self) -> _SigtermFlag:
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave the default handler
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.hit = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -104,28 +85,29 @@ def _due_stage(state: TrainState, stage_tokens: list[int]) -> int | None:
     return k if k < len(stage_tokens) and state.tokens >= stage_tokens[k] else None
 
 
-def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainState:
+def prepare_state(
+    cfg: RunConfig, resume: bool, device: torch.device, resume_from: str | None = None, echo: bool = True
+) -> TrainState:
     out = Path(cfg.train.out_dir)
-    ckpt = latest_checkpoint(out)
-    if resume:
-        if ckpt is None:
-            raise option_error(
-                FileNotFoundError,
-                lambda o: f"{o}: no complete checkpoint in {out} to resume from",
-                "resume=True",
-                "--resume",
-            )
-        return load_checkpoint(ckpt, device, config=cfg)
-    if ckpt is not None:
+    metrics = out / "metrics.jsonl"
+    if resume or resume_from is not None:
+        ckpt = checkpoint_to_resume(out, resume_from, echo=echo)  # verified; never a silent fall back
+        state = load_checkpoint(ckpt, device, config=cfg, verify=False)
+        rewind_metrics(metrics, ckpt)  # the steps after the checkpoint are logged again
+        return state
+    existing = step_dirs(out)
+    if existing:
         raise option_error(
             ConfigError,
             lambda o: (
-                f"{out} already holds checkpoints (newest {ckpt.name}); pass {o} to continue that run or "
+                f"{out} already holds checkpoints (newest {existing[-1].name}); pass {o} to continue that run or "
                 "choose another train.out_dir"
             ),
             "resume=True",
             "--resume",
         )
+    if metrics.is_file():  # a run that died before its first checkpoint: keep its log, start a new one
+        metrics.replace(metrics.with_name("metrics.jsonl.old"))
     return build_state(cfg, device)
 
 
@@ -146,16 +128,25 @@ def train(
     cfg: RunConfig,
     *,
     resume: bool = False,
+    resume_from: str | None = None,
     device: torch.device | str | None = None,
     echo: bool = True,
     until_step: int | None = None,
 ) -> TrainResult:
     """Run (or resume) the job described by `cfg`; return the final state and the logged records.
 
+    resume_from: resume from this checkpoint of train.out_dir (`step-N` or N) instead of the newest.
     until_step: stop (with a checkpoint) once this many steps are done, before train.max_steps; the
     schedule still follows max_steps, so a later `resume=True` call continues the same trajectory.
+    The run holds the lock of train.out_dir throughout (a second run on it is refused at once).
     """
     check_reporting(cfg)  # a missing tensorboard/wandb package fails now, not after the model is built
+    with RunLock(cfg.train.out_dir):
+        clean_leftovers(cfg.train.out_dir)  # of writes/deletes killed in an earlier run
+        return _train(cfg, resume, resume_from, device, echo, until_step)
+
+
+def _train(cfg, resume, resume_from, device, echo, until_step) -> TrainResult:
     dev = resolve_device(cfg.train.device) if device is None else torch.device(device)
     data = TokenData.open(cfg.data.data_dir)
     if data.vocab_size > cfg.model.vocab_size:
@@ -163,7 +154,14 @@ def train(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
             f"set --model.vocab_size={data.vocab_size} or more"
         )
-    state = prepare_state(cfg, resume, dev)
+    split = data.document_split
+    if echo and split is not None and split["val_fraction"] != cfg.data.val_fraction:
+        print(
+            f"fastgrow: note: data.val_fraction={cfg.data.val_fraction} does not apply: {data.data_dir} has its "
+            f"own validation split ({split['val_documents']} documents, {split['val_tokens']:,} tokens)",
+            file=sys.stderr,
+        )
+    state = prepare_state(cfg, resume, dev, resume_from, echo)
     # Every stage not yet done, checked against the live model now, not at its event.
     growth_at = check_stages(cfg, state.model.cfg, done=len(state.growth_history))
     tcfg = cfg.train
@@ -210,6 +208,8 @@ class _Runner:
         self.device = state.device
         self.peak = peak_flops(self.device)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+        self.log: MetricsLog | None = None
+        self.ckpt_pending = False  # a checkpoint was due during a non-finite streak: write it after
         self._setup_model()
 
     # --- model-dependent setup (redone after growth) -------------------------------------------------
@@ -258,7 +258,7 @@ class _Runner:
     # --- the loop ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         tcfg = self.cfg.train
-        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        log = self.log = MetricsLog(self.out_dir / "metrics.jsonl")
         interrupted = False
         start_step = self.state.step
         latest = latest_checkpoint(self.out_dir)
@@ -275,7 +275,7 @@ class _Runner:
         last_norm = torch.zeros((), device=self.device)
         self.report = Reporter(self.cfg, self.out_dir, initial_step=self.state.step, console=self.echo)
         try:
-            with _SigtermFlag() as sigterm:
+            with StopSignals(self.echo) as stop_signal:
                 while self.state.step < self.stop:
                     due = _due_stage(self.state, self.growth_at)
                     if due is not None:
@@ -308,8 +308,8 @@ class _Runner:
                         if n_bad_run >= tcfg.max_bad_steps:
                             raise TrainingAborted(
                                 f"{n_bad_run} consecutive non-finite steps (loss or grad norm) up to step "
-                                f"{self.state.step}; aborting (train.max_bad_steps={tcfg.max_bad_steps}). The last "
-                                f"checkpoint is {last_ckpt or latest_checkpoint(self.out_dir)}"
+                                f"{self.state.step}; aborting (train.max_bad_steps={tcfg.max_bad_steps}). "
+                                + self._last_good(last_ckpt)
                             )
                         window_loss.zero_()
                         window_bad.zero_()
@@ -317,15 +317,15 @@ class _Runner:
                     elif not self.fused and bool(consec_bad >= tcfg.max_bad_steps):
                         raise TrainingAborted(
                             f"{int(consec_bad)} consecutive non-finite steps up to step {self.state.step}; aborting "
-                            f"(train.max_bad_steps={tcfg.max_bad_steps})"
+                            f"(train.max_bad_steps={tcfg.max_bad_steps}). " + self._last_good(last_ckpt)
                         )
                     t_pause = time.perf_counter()
                     if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
                         self._eval(log)
-                    if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
-                        last_ckpt = self._save(consec_bad)
+                    if (tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0) or self.ckpt_pending:
+                        last_ckpt = self._save(consec_bad) or last_ckpt
                     paused += time.perf_counter() - t_pause
-                    if sigterm.hit:
+                    if stop_signal.hit:
                         interrupted = True
                         break
                 finished = self.state.step >= tcfg.max_steps
@@ -338,13 +338,21 @@ class _Runner:
                 ):
                     self._eval(log)
                 if last_ckpt is None or last_ckpt.name != _ckpt_name(self.state.step):
-                    last_ckpt = self._save(consec_bad)
+                    last_ckpt = self._save(consec_bad) or last_ckpt
         finally:
             self.report.close()
             log.close()
         if interrupted and self.echo:
-            print(f"SIGTERM: saved {last_ckpt}; resume with --resume", file=sys.stderr)
-        return TrainResult(state=self.state, records=self.records, checkpoint=last_ckpt, interrupted=interrupted)
+            saved = last_ckpt is not None and last_ckpt.name == _ckpt_name(self.state.step)
+            what = f"saved {last_ckpt}" if saved else f"not saved (non-finite steps); {self._last_good(last_ckpt)}"
+            print(f"{stop_signal.name}: {what}; resume with --resume", file=sys.stderr)
+        return TrainResult(
+            state=self.state,
+            records=self.records,
+            checkpoint=last_ckpt,
+            interrupted=interrupted,
+            stop_signal=stop_signal.signum,
+        )
 
     # --- pieces -----------------------------------------------------------------------------------------
     def _train_record(self, window_loss, window_bad, steps, tokens, elapsed) -> dict[str, Any]:
@@ -395,10 +403,26 @@ class _Runner:
             },
         )
 
-    def _save(self, consec_bad: torch.Tensor) -> Path:
+    def _save(self, consec_bad: torch.Tensor) -> Path | None:
+        """Write a checkpoint, unless the run is in a non-finite streak (its weights may have blown up):
+        then None, and the checkpoint is written at the first good step after the streak."""
+        bad_steps = int(consec_bad.item())  # a checkpoint is a sync point anyway
+        self.ckpt_pending = bad_steps > 0
+        if self.ckpt_pending:
+            return None
         self.state.cursor = self.loader.state_dict()
-        self.state.bad_steps = int(consec_bad.item())  # a checkpoint is a sync point anyway
-        return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
+        self.state.bad_steps = bad_steps
+        return save_checkpoint(
+            self.state,
+            self.out_dir,
+            keep=self.cfg.train.keep_ckpts,
+            tokenizer=self.tokenizer,
+            metrics_records=self.log.records if self.log is not None else None,
+        )
+
+    def _last_good(self, last_ckpt: Path | None) -> str:
+        good = last_ckpt or latest_checkpoint(self.out_dir)
+        return f"The last good checkpoint is {good}" if good else "No checkpoint was written"
 
     def _grow(self, log: MetricsLog, stage: int) -> None:
         before = self.state

@@ -7,6 +7,7 @@ on CPU unless a test asks for kernel_impl="triton". On a GPU machine the kernels
 """
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -71,3 +72,15 @@ def tiny_run_config(data_dir, out_dir, **train):
             "train": t,
         }
     )
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("datasets")
 
 from fastgrow import data as fdata  # noqa: E402
+from fastgrow import token_writer  # noqa: E402
 from fastgrow.data import (  # noqa: E402
     EOS_TOKEN,
     DataError,
@@ -25,6 +26,7 @@ from fastgrow.data import (  # noqa: E402
     token_dtype,
 )
 from fastgrow.loader import TokenData  # noqa: E402
+from fastgrow.sources import check_text_file  # noqa: E402
 
 WORDS = [
     "the",
@@ -184,12 +186,24 @@ def test_jsonl_and_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     recs = [{"id": i, "content": make_text(10 + i, 300), "lang": "en"} for i in range(6)]
-    recs[2]["content"] = None  # a null text is skipped and counted
+    recs[2]["content"] = None  # a null text is skipped and counted (with skip_missing)
     jl = tmp_path / "part1.jsonl"
     jl.write_text("".join(json.dumps(r) + "\n" for r in recs[:4]))
     pqf = tmp_path / "part2.parquet"
     pq.write_table(pa.Table.from_pylist(recs[4:]), pqf)
-    meta = prepare([jl, pqf], tmp_path / "out", text_field="content", vocab_size=300, progress=False)
+    with pytest.raises(DataError, match=r"part1\.jsonl:3: field 'content' is null.*--skip-missing"):
+        prepare([jl, pqf], tmp_path / "out", text_field="content", vocab_size=300, progress=False)
+    warned = []
+    meta = prepare(
+        [jl, pqf],
+        tmp_path / "out",
+        text_field="content",
+        vocab_size=300,
+        progress=False,
+        skip_missing=True,
+        warn=warned.append,
+    )
+    assert any("skipped 1 records without a 'content' field" in w for w in warned), warned
     expected = [r["content"] for r in recs if r["content"] is not None]
     assert decode_docs(tmp_path / "out") == expected
     assert meta["num_documents"] == 5 and meta["skipped_records"] == 1 and meta["text_field"] == "content"
@@ -254,7 +268,7 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
 @pytest.mark.parametrize("where", ["shard", "meta"])
 def test_failure_mid_write_leaves_nothing(txt_corpus, tmp_path, monkeypatch, where):
     if where == "shard":
-        real = fdata._ShardWriter.write
+        real = token_writer.ShardWriter.write
         calls = []
 
         def write(self, ids):
@@ -263,8 +277,8 @@ def test_failure_mid_write_leaves_nothing(txt_corpus, tmp_path, monkeypatch, whe
                 raise OSError("simulated disk failure")
             real(self, ids)
 
-        monkeypatch.setattr(fdata._ShardWriter, "write", write)
-        monkeypatch.setattr(fdata, "_ENCODE_BATCH_DOCS", 1)
+        monkeypatch.setattr(token_writer.ShardWriter, "write", write)
+        monkeypatch.setattr(token_writer, "ENCODE_BATCH_DOCS", 1)
     else:
 
         def write_json(path, obj, indent=1):
@@ -431,10 +445,10 @@ def test_hf_source_code_path(tmp_path, monkeypatch):
 def test_text_check_is_chunk_safe(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("aé€😀b" * 5)  # multi-byte characters straddle every 3-byte chunk boundary
-    assert fdata._check_text_file(f, chunk=3) is None
+    assert check_text_file(f, chunk=3) is None
     f.write_bytes(b"abcdefg\x00h")
-    assert "NUL bytes (byte 7" in fdata._check_text_file(f, chunk=3)
+    assert "NUL bytes (byte 7" in check_text_file(f, chunk=3)
     f.write_bytes("aé".encode() + b"\xff" + b"zz")
-    assert "not valid UTF-8 (byte 3:" in fdata._check_text_file(f, chunk=2)
+    assert "not valid UTF-8 (byte 3:" in check_text_file(f, chunk=2)
     f.write_bytes("ab€".encode()[:-1])  # truncated final character
-    assert "not valid UTF-8 (byte 2:" in fdata._check_text_file(f, chunk=3)
+    assert "not valid UTF-8 (byte 2:" in check_text_file(f, chunk=3)

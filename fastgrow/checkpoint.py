@@ -59,6 +59,8 @@ RESUME_MUTABLE = {
     "train.keep_ckpts",
     "train.max_bad_steps",
     "train.progress",
+    "train.parallel",  # a checkpoint resumes at any world size, sharded or not
+    "train.dist_timeout",
 }
 
 
@@ -166,48 +168,80 @@ def save_checkpoint(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / f"step-{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=run))
+    tmp = new_checkpoint_dir(final)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as any dir
         weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "fastgrow_version": __version__,
-            "step": state.step,
-            "tokens": state.tokens,
-            "bad_steps": state.bad_steps,
-            "cursor": state.cursor,
-            "schedule": state.schedule.state_dict(),
-            "growth_history": state.growth_history,
-            "config": state.config.to_dict(),
-            "model_config": state.model.cfg.architecture(),
-            "rng": _rng_state(),
-        }
-        write_json_durable(tmp / "state.json", meta)
-        if tokenizer is not None and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        files = {}
-        for f in sorted(tmp.iterdir()):
-            fsync_file(f)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        write_json_durable(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "step": state.step, "files": files})
-        fsync_dir(tmp)
-        if final.exists():  # an earlier checkpoint of the same step (e.g. re-saved after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(run)
+        write_checkpoint_meta(tmp, state, tokenizer)
+        commit_checkpoint(tmp, final, state.step, "single")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(run, keep)
+    prune_checkpoints(run, keep)
     return final
 
 
-def _prune(run: Path, keep: int) -> None:
+def new_checkpoint_dir(final: Path) -> Path:
+    """The temporary directory `<final>.tmp-<random>` a checkpoint is written into."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as any dir
+    return tmp
+
+
+def write_checkpoint_meta(
+    tmp: Path, state: TrainState, tokenizer: str | Path | None, extra: dict[str, Any] | None = None
+) -> None:
+    """state.json (everything but tensors) and the tokenizer copy, in every layout."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "fastgrow_version": __version__,
+        "step": state.step,
+        "tokens": state.tokens,
+        "bad_steps": state.bad_steps,
+        "cursor": state.cursor,
+        "schedule": state.schedule.state_dict(),
+        "growth_history": state.growth_history,
+        "config": state.config.to_dict(),
+        "model_config": state.model.cfg.architecture(),
+        "rng": _rng_state(),
+        **(extra or {}),
+    }
+    write_json_durable(tmp / "state.json", meta)
+    if tokenizer is not None and Path(tokenizer).is_file():
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+
+
+def commit_checkpoint(
+    tmp: Path, final: Path, step: int, layout: str, hashed: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Manifest last (every file under `tmp`, sizes and sha256; `hashed`: entries already fsynced and
+    hashed elsewhere, e.g. by the rank that wrote them), then rename `tmp` to `final`, fsyncing both."""
+    hashed = hashed or {}
+    files = {}
+    for f in sorted(tmp.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(tmp).as_posix()
+        if rel in hashed:
+            files[rel] = hashed[rel]
+            continue
+        fsync_file(f)
+        files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "layout": layout, "files": files}
+    write_json_durable(tmp / MANIFEST, manifest)
+    for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}, key=lambda x: -len(x.parts)):
+        fsync_dir(d)
+    if final.exists():  # an earlier checkpoint of the same step (e.g. re-saved after a resume)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def prune_checkpoints(run: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove leftovers of killed writes."""
     ckpts = list_checkpoints(run)
     for old in ckpts[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -235,18 +269,35 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
-    """Check every file of the manifest (size and sha256); return the manifest."""
+def read_manifest(ckpt: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text())
+        return json.loads((ckpt / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt / MANIFEST}: unreadable manifest ({e})") from None
+
+
+def checkpoint_layout(manifest: dict[str, Any]) -> str:
+    """ "single" (one process's safetensors files; manifests written before layouts existed) or "dcp"."""
+    return manifest.get("layout", "single")
+
+
+def verify_file(ckpt: Path, name: str, info: dict[str, Any]) -> None:
+    f = ckpt / name
+    if not f.is_file():
+        raise CheckpointError(f"{f}: listed in the manifest but missing")
+    if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+        raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Check every file of the manifest (size and sha256); return the manifest."""
+    manifest = read_manifest(ckpt)
+    if checkpoint_layout(manifest) == "dcp":
+        from fastgrow.checkpoint_dcp import check_listing
+
+        check_listing(ckpt, manifest)
     for name, info in manifest.get("files", {}).items():
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+        verify_file(ckpt, name, info)
     return manifest
 
 
@@ -278,39 +329,73 @@ def load_checkpoint(
     verify: bool = True,
     restore_rng: bool = True,
 ) -> TrainState:
-    """Load a TrainState. With `config`, the checkpoint's run config must agree (else ConfigError)
-    and the returned state carries `config` (its mutable fields, such as logging, may differ)."""
+    """Load a TrainState (any layout, into one process). With `config`, the checkpoint's run config must
+    agree (else ConfigError) and the returned state carries `config` (its mutable fields, such as
+    logging, may differ)."""
     ckpt = resolve_checkpoint(path)
-    if verify:
-        verify_checkpoint(ckpt)
+    manifest = verify_checkpoint(ckpt) if verify else read_manifest(ckpt)
+    meta = read_state_json(ckpt)
+    run_cfg = resume_config(meta, config, ckpt)
+    dev = torch.device(device)
+    model = Transformer(checkpoint_model_config(meta, run_cfg)).to(dev)
+    optimizer = build_optimizer(model, run_cfg.train)
+    state = state_from_meta(meta, run_cfg, model, optimizer)
+    if checkpoint_layout(manifest) == "dcp":
+        from fastgrow.checkpoint_dcp import load_dcp_tensors
+
+        load_dcp_tensors(state, ckpt, meta)
+    else:
+        weights = load_file(str(ckpt / "model.safetensors"), device=str(dev))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})"
+            )
+        opt_path = ckpt / "optimizer.safetensors"
+        if opt_path.is_file():
+            load_optimizer_tensors(state, load_file(str(opt_path), device=str(dev)))
+    if restore_rng and "rng" in meta:
+        _set_rng_state(meta["rng"])
+    return state
+
+
+def read_state_json(ckpt: Path) -> dict[str, Any]:
     meta = json.loads((ckpt / "state.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt}: unsupported checkpoint format {meta.get('format_version')!r}")
+    return meta
+
+
+def resume_config(meta: dict[str, Any], config: RunConfig | None, ckpt: Path) -> RunConfig:
+    """The run config a loaded state carries: `config` if it agrees with the checkpoint's (ConfigError
+    naming every field that may not change), else the checkpoint's own."""
     saved_cfg = meta["config"]
-    if config is not None:
-        diffs = config_differences(saved_cfg, config)
-        auto = saved_cfg.get("growth", {}).get("at_tokens") == "auto"
-        if auto and not meta["growth_history"] and saved_cfg["train"]["max_steps"] != config.train.max_steps:
-            # "auto" growth timing is computed from the run's token budget: it would move.
-            diffs.append(
-                f"train.max_steps: checkpoint {saved_cfg['train']['max_steps']} vs now {config.train.max_steps} "
-                '(cannot change before an at_tokens = "auto" growth event, whose timing depends on it)'
-            )
-        if diffs:
-            raise ConfigError(f"resume config mismatch with {ckpt}: " + "; ".join(diffs))
-        run_cfg = config
-    else:
-        run_cfg = RunConfig.from_dict(saved_cfg)
-    model_cfg = ModelConfig(
+    if config is None:
+        return RunConfig.from_dict(saved_cfg)
+    diffs = config_differences(saved_cfg, config)
+    auto = saved_cfg.get("growth", {}).get("at_tokens") == "auto"
+    if auto and not meta["growth_history"] and saved_cfg["train"]["max_steps"] != config.train.max_steps:
+        # "auto" growth timing is computed from the run's token budget: it would move.
+        diffs.append(
+            f"train.max_steps: checkpoint {saved_cfg['train']['max_steps']} vs now {config.train.max_steps} "
+            '(cannot change before an at_tokens = "auto" growth event, whose timing depends on it)'
+        )
+    if diffs:
+        raise ConfigError(f"resume config mismatch with {ckpt}: " + "; ".join(diffs))
+    return config
+
+
+def checkpoint_model_config(meta: dict[str, Any], run_cfg: RunConfig) -> ModelConfig:
+    """The live architecture the checkpoint holds (grown or not), with the run's kernel choices."""
+    return ModelConfig(
         **meta["model_config"], attn_backend=run_cfg.model.attn_backend, kernel_impl=run_cfg.model.kernel_impl
     )
-    dev = torch.device(device)
-    model = Transformer(model_cfg).to(dev)
-    weights = load_file(str(ckpt / "model.safetensors"), device=str(dev))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    optimizer = build_optimizer(model, run_cfg.train)
+
+
+def state_from_meta(
+    meta: dict[str, Any], run_cfg: RunConfig, model: Transformer, optimizer: torch.optim.AdamW
+) -> TrainState:
+    """A TrainState around `model`/`optimizer` with the counters, cursor, schedule and history of state.json."""
     state = TrainState(
         config=run_cfg,
         model=model,
@@ -325,9 +410,9 @@ def load_checkpoint(
     if state.schedule.total_steps != run_cfg.train.max_steps:
         # A resume with a new train.max_steps re-targets the decay to the new end of the run.
         state.schedule.total_steps = run_cfg.train.max_steps
-    opt_path = ckpt / "optimizer.safetensors"
-    if opt_path.is_file():
-        load_optimizer_tensors(state, load_file(str(opt_path), device=str(dev)))
-    if restore_rng and "rng" in meta:
-        _set_rng_state(meta["rng"])
     return state
+
+
+def restore_rng_state(meta: dict[str, Any]) -> None:
+    if "rng" in meta:
+        _set_rng_state(meta["rng"])

@@ -64,6 +64,7 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from fastgrow.distributed import env_rank
     from fastgrow.train import train
 
     cfg = build_config(args, rest)
@@ -71,8 +72,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     result = train(cfg, resume=args.resume, until_step=args.steps)
-    summary = result.summary()
-    print(json.dumps(summary, indent=2))
+    if env_rank() == 0:  # under torchrun only rank 0 talks
+        print(json.dumps(result.summary(), indent=2))
     return 143 if result.interrupted else 0
 
 
@@ -208,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input or a failed run, reported as one line rather than a traceback."""
     from fastgrow.checkpoint import CheckpointError
+    from fastgrow.distributed import RankFailed
     from fastgrow.train import TrainingAborted
 
-    return (ValueError, OSError, CheckpointError, TrainingAborted)
+    return (ValueError, OSError, CheckpointError, TrainingAborted, RankFailed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one clear line for the user's mistakes; tracebacks for our bugs
         if os.environ.get("FASTGROW_DEBUG") or not isinstance(e, _user_errors()):
             raise
-        print(f"fastgrow: error: {e}", file=sys.stderr)
+        from fastgrow.distributed import RankFailed, env_rank, env_world_size
+
+        if isinstance(e, RankFailed) and env_rank() != 0:
+            return 1  # under torchrun rank 0 reports another rank's failure; the rest stay quiet
+        where = f"rank {env_rank()}: " if env_world_size() > 1 and not isinstance(e, RankFailed) else ""
+        print(f"fastgrow: error: {where}{e}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, OSError)) else 1
 
 

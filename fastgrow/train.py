@@ -5,6 +5,10 @@ at log/eval/checkpoint steps, and on CPU (where a sync costs nothing) to decide 
 non-finite step. On CUDA the skip happens on the device: torch's fused AdamW takes a `found_inf` flag and
 leaves moments and step untouched when it is set, and a device-side counter of consecutive bad steps is
 read at the next log step.
+
+Under torchrun (several processes, `fastgrow.distributed`) every rank runs this loop on its slice of each
+global batch; only rank 0 writes metrics, the progress bar and the console, and checkpoints are written
+by all ranks together (`fastgrow.checkpoint_dcp`).
 """
 
 from __future__ import annotations
@@ -20,17 +24,18 @@ from typing import Any
 
 import torch
 
+from fastgrow import distributed
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgrow.config import ConfigError, RunConfig
 
 # The token count at which the run grows (0: never; "auto": the planner's Eq. 10 timing).
 from fastgrow.grow import growth_at_tokens as resolve_growth_tokens
 from fastgrow.grow import plan_from_config, resolve_plan
-from fastgrow.loader import BatchLoader, TokenData
+from fastgrow.loader import BatchLoader, TokenData, batch_split, shard_val_batches
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
 from fastgrow.optim import set_lr
-from fastgrow.state import TrainState, build_state, resolve_device
+from fastgrow.state import TrainState, build_state
 
 
 class TrainingAborted(RuntimeError):
@@ -110,19 +115,34 @@ def _check_growth_plan(cfg: RunConfig, state: TrainState) -> None:
         raise ConfigError(f"[growth]: {e}") from None
 
 
-def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainState:
-    out = Path(cfg.train.out_dir)
+def _checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
     ckpt = latest_checkpoint(out)
     if resume:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {out}")
-        return load_checkpoint(ckpt, device, config=cfg)
+        return ckpt
     if ckpt is not None:
         raise ConfigError(
             f"{out} already holds checkpoints (newest {ckpt.name}); pass --resume to continue that run "
             f"or choose another --train.out_dir"
         )
-    return build_state(cfg, device)
+    return None
+
+
+def prepare_state(
+    cfg: RunConfig, resume: bool, device: torch.device, ctx: distributed.DistContext | None = None
+) -> TrainState:
+    out = Path(cfg.train.out_dir)
+    if ctx is None or not ctx.enabled:
+        ckpt = _checkpoint_to_resume(out, resume)
+        return build_state(cfg, device) if ckpt is None else load_checkpoint(ckpt, device, config=cfg)
+    # torchrun: rank 0 reads the run directory, every rank starts from what it found.
+    from fastgrow.checkpoint_dcp import load_parallel_state
+
+    ckpt = ctx.broadcast(ctx.agree(lambda: _checkpoint_to_resume(out, resume) if ctx.is_main else None))
+    if ckpt is None:
+        return ctx.agree(lambda: distributed.build_parallel_state(cfg, ctx))
+    return load_parallel_state(ckpt, cfg, ctx)
 
 
 def evaluate(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: RunConfig) -> float:
@@ -150,15 +170,33 @@ def train(
 
     until_step: stop (with a checkpoint) once this many steps are done, before train.max_steps; the
     schedule still follows max_steps, so a later `resume=True` call continues the same trajectory.
+    Under torchrun every rank calls this (see fastgrow.distributed); the run directory is locked by
+    rank 0 (a single process: by itself) for the whole call.
     """
-    dev = resolve_device(cfg.train.device) if device is None else torch.device(device)
+    with distributed.session(cfg, device) as ctx:
+        data = ctx.agree(lambda: _open_run(cfg, ctx))
+        state = prepare_state(cfg, resume, ctx.device, ctx)
+        runner = ctx.agree(lambda: _runner(cfg, ctx, state, data, echo and ctx.is_main, until_step))
+        return ctx.guarded(runner.run)
+
+
+def _open_run(cfg: RunConfig, ctx: distributed.DistContext) -> TokenData:
+    """The checks and the lock before any state is built (each rank; agreed on by all)."""
+    from fastgrow.runlock import RunLock
+
+    batch_split(cfg.data.batch_size, cfg.train.grad_accum, ctx.world_size)  # a clear error if it does not divide
     data = TokenData.open(cfg.data.data_dir)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
             f"set --model.vocab_size={data.vocab_size} or more"
         )
-    state = prepare_state(cfg, resume, dev)
+    if ctx.is_main:
+        ctx.held.enter_context(RunLock(cfg.train.out_dir))
+    return data
+
+
+def _runner(cfg: RunConfig, ctx: distributed.DistContext, state: TrainState, data: TokenData, echo, until_step):
     if cfg.growth.enabled and not state.growth_history:
         _check_growth_plan(cfg, state)
     tcfg = cfg.train
@@ -185,19 +223,33 @@ def train(
     val_batches = val_loader.val_batches(tcfg.eval_batches)
     growth_at = resolve_growth_tokens(cfg)
     stop = tcfg.max_steps if until_step is None else min(until_step, tcfg.max_steps)
-    runner = _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop)
-    return runner.run()
+    return _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop, ctx)
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: they write nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Runner:
     """The state of one `train()` call: the step function and the bookkeeping around it."""
 
-    def __init__(self, cfg, state, loader, val_batches, growth_at, out_dir, tokenizer, echo, stop) -> None:
+    def __init__(self, cfg, state, loader, val_batches, growth_at, out_dir, tokenizer, echo, stop, ctx) -> None:
         self.cfg = cfg
         self.stop = stop
         self.state = state
         self.loader = loader
-        self.val_batches = val_batches
+        self.ctx = ctx
+        self.split = batch_split(cfg.data.batch_size, cfg.train.grad_accum, ctx.world_size)
+        self.sync = distributed.StepSync(ctx)
+        self.sigterm: _SigtermFlag | None = None
+        # Under torchrun each rank evaluates its slice of the fixed validation windows.
+        self.val_batches = shard_val_batches(val_batches, ctx.rank, ctx.world_size) if ctx.enabled else val_batches
         self.growth_at = growth_at
         self.out_dir = out_dir
         self.tokenizer = tokenizer
@@ -205,6 +257,8 @@ class _Runner:
         self.records: list[dict[str, Any]] = []
         self.device = state.device
         self.peak = peak_flops(self.device)
+        if self.peak is not None:
+            self.peak *= ctx.world_size  # MFU against every rank's device (tokens/s counts all ranks)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
         self._setup_model()
 
@@ -215,28 +269,31 @@ class _Runner:
         self.flops_tok_6n = flops_per_token(mcfg, self.cfg.data.seq_len, include_attention=False)
         self.params = [p for p in self.state.model.parameters() if p.requires_grad]
         self.fused = bool(self.state.optimizer.defaults.get("fused"))
-        model = self.state.model
+        model = distributed.forward_module(self.state.model, self.ctx)  # DDP's wrapper, or the model
         self.forward = torch.compile(model) if self.cfg.train.compile else model
         self.state.model.train()
 
     # --- one optimizer step ----------------------------------------------------------------------------
     def step(self, consec_bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, state = self.cfg, self.state
-        accum = cfg.train.grad_accum
         set_lr(state.optimizer, state.schedule.lr_at(state.step))
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            x, y = self.loader.next_batch()
+        # This rank's micro-batches of the global batch (one process: grad_accum batches of batch_size).
+        batches = self.loader.next_step(self.split, self.ctx.rank)
+        accum = len(batches)
+        for i, (x, y) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with _autocast(cfg, self.device):
-                loss = self.forward(x, y)
-            (loss / accum).backward()
+            with distributed.grad_sync(self.forward, self.ctx, sync=i == accum - 1):
+                with _autocast(cfg, self.device):
+                    loss = self.forward(x, y)
+                (loss / accum).backward()
             loss_sum += loss.detach().float()
-        loss_mean = loss_sum / accum
+        # The global mean loss on every rank (an all-reduce, which also carries the SIGTERM flag).
+        loss_mean = self.sync.reduce(loss_sum / accum, stop=self.sigterm is not None and self.sigterm.hit)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         # Returns the pre-clip global norm (what we log); non-finite norms are handled below.
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=self.device.type == "cuda")
+        gnorm = distributed.clip_grad_norm(self.params, clip, foreach=self.device.type == "cuda")
         bad = ~(torch.isfinite(gnorm) & torch.isfinite(loss_mean))
         if self.fused:
             # Device-side skip: fused AdamW leaves exp_avg/exp_avg_sq/step untouched when found_inf is 1.
@@ -254,7 +311,7 @@ class _Runner:
     # --- the loop ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         tcfg = self.cfg.train
-        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        log = MetricsLog(self.out_dir / "metrics.jsonl") if self.ctx.is_main else _NoLog()
         interrupted = False
         start_step = self.state.step
         latest = latest_checkpoint(self.out_dir)
@@ -272,6 +329,7 @@ class _Runner:
         pbar = self._progress_bar()
         try:
             with _SigtermFlag() as sigterm:
+                self.sigterm = sigterm
                 while self.state.step < self.stop:
                     if _growth_due(self.state, self.growth_at):
                         self._grow(log)
@@ -319,7 +377,7 @@ class _Runner:
                     if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
                         last_ckpt = self._save(consec_bad)
                     paused += time.perf_counter() - t_pause
-                    if sigterm.hit:
+                    if self.sync.should_stop(sigterm.hit):  # under torchrun: any rank's SIGTERM, agreed
                         interrupted = True
                         break
                 finished = self.state.step >= tcfg.max_steps
@@ -403,7 +461,11 @@ class _Runner:
             pbar.write(msg, file=sys.stderr)
 
     def _eval(self, log: MetricsLog, pbar) -> None:
-        val = evaluate(self.state, self.val_batches, self.cfg)
+        if self.ctx.enabled:
+            autocast = lambda: _autocast(self.cfg, self.device)
+            val = distributed.sharded_mean_loss(self.state.model, self.val_batches, self.ctx, autocast)
+        else:
+            val = evaluate(self.state, self.val_batches, self.cfg)
         self._emit(
             log,
             {
@@ -419,7 +481,12 @@ class _Runner:
     def _save(self, consec_bad: torch.Tensor) -> Path:
         self.state.cursor = self.loader.state_dict()
         self.state.bad_steps = int(consec_bad.item())  # a checkpoint is a sync point anyway
-        return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
+        keep = self.cfg.train.keep_ckpts
+        if self.ctx.enabled:
+            from fastgrow.checkpoint_dcp import save_run_checkpoint
+
+            return save_run_checkpoint(self.state, self.out_dir, keep, tokenizer=self.tokenizer, ctx=self.ctx)
+        return save_checkpoint(self.state, self.out_dir, keep=keep, tokenizer=self.tokenizer)
 
     def _grow(self, log: MetricsLog) -> None:
         from fastgrow.grow import apply_growth

@@ -237,7 +237,7 @@ def _sharded_model(model_cfg, ctx: DistContext) -> Transformer:
 
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    shard_model(model, ctx)
+    shard_model(model, ctx.mesh)
     model.to_empty(device=ctx.device)
     init_buffers(model)
     return model

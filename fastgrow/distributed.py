@@ -253,15 +253,15 @@ def session(cfg: RunConfig, device: torch.device | str | None = None) -> Iterato
 # --- model wrapping --------------------------------------------------------------------------------------
 
 
-def shard_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     """FSDP2: every block its own unit (gathered for its forward/backward, freed after), then the root
     (embeddings, final norm, head). Parameters become DTensors sharded on dim 0; a model built on the
     CPU (or any device) is moved to the mesh's device shard by shard."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.layers:
-        fully_shard(block, mesh=ctx.mesh)
-    fully_shard(model, mesh=ctx.mesh)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -313,7 +313,7 @@ def build_parallel_state(cfg: RunConfig, ctx: DistContext):
     if not ctx.sharded:
         return build_state(cfg, ctx.device)
     state = build_state(cfg, "cpu")
-    shard_model(state.model, ctx)
+    shard_model(state.model, ctx.mesh)
     return dataclasses.replace(state, optimizer=build_optimizer(state.model, cfg.train))
 
 
@@ -353,6 +353,51 @@ def shard_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (an all-gather on the device for a DTensor; `t` itself otherwise)."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage); `t` itself otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def empty_whole(p: torch.Tensor) -> torch.Tensor:
+    """An uninitialised full-size tensor like `p` (plain, on this rank's device), sharded or not."""
+    return torch.empty(p.shape, dtype=p.dtype, device=local(p).device)
+
+
+def local_rows(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of a full-size tensor that lines up with local(p): all of it, or this rank's rows."""
+    return shard_rows(full, p) if is_dtensor(p) else full
+
+
+@contextlib.contextmanager
+def written_whole(p: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Write a whole tensor into `p`: `p` itself when it is a plain tensor; for a sharded `p`, a
+    full-size temporary on its device whose rows of this rank are copied into p's shard on exit.
+
+    Growth uses it where a tensor's values depend on more than its own rows (width maps) or on a random
+    stream drawn in full-tensor order (new blocks, noise), so every rank computes exactly the numbers one
+    process computes. Cost: one tensor-sized temporary at a time, never the whole model.
+    """
+    if not is_dtensor(p):
+        yield p
+        return
+    full = empty_whole(p)
+    yield full
+    p.to_local().copy_(shard_rows(full, p))
+
+
+def sharded_like(model_cfg: Any, like: torch.nn.Module) -> torch.nn.Module:
+    """An FSDP2 model of architecture `model_cfg`, sharded over the same mesh as `like`, with allocated
+    but uninitialised shards (built on the meta device: no rank materialises the full model)."""
+    from fastgrow.model import Transformer
+
+    ref = next(like.parameters())
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    shard_model(model, ref.device_mesh)
+    model.to_empty(device=ref.to_local().device)
+    return model
 
 
 # --- the step ---------------------------------------------------------------------------------------------

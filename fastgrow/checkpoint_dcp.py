@@ -66,10 +66,20 @@ def _dcp():
     return dcp
 
 
-def _no_dist() -> bool:
+def _dcp_load(state_dict: dict[str, Any], ckpt: Path) -> None:
+    """dcp.load from `ckpt`/dcp, in one process when there is no process group (DCP warns about that
+    every time; it is the intended use here)."""
+    import warnings
+
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized())
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            _dcp().load(state_dict, checkpoint_id=str(ckpt / DCP_DIR), no_dist=no_dist)
+    except Exception as e:  # noqa: BLE001 - DCP wraps file errors in its own types
+        raise CheckpointError(f"{ckpt / DCP_DIR}: cannot read the sharded checkpoint ({e})") from e
 
 
 # --- save --------------------------------------------------------------------------------------------------
@@ -190,10 +200,7 @@ def load_dcp_tensors(state: TrainState, ckpt: Path, meta: dict[str, Any]) -> Non
     if with_optim:
         # An optimizer without state gets zero moments first (a zero-lr step), then the saved values.
         sd["optim"] = get_optimizer_state_dict(state.model, state.optimizer)
-    try:
-        _dcp().load(sd, checkpoint_id=str(ckpt / DCP_DIR), no_dist=_no_dist())
-    except Exception as e:  # noqa: BLE001 - DCP wraps file errors in its own types
-        raise CheckpointError(f"{ckpt / DCP_DIR}: cannot read the sharded checkpoint ({e})") from e
+    _dcp_load(sd, ckpt)
     set_model_state_dict(state.model, sd["model"])
     if with_optim:
         set_optimizer_state_dict(state.model, state.optimizer, sd["optim"])
@@ -274,8 +281,5 @@ def read_model_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = Transformer(checkpoint_model_config(meta, cfg))
     sd = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in model.state_dict().items()}
-    try:
-        _dcp().load({"model": sd}, checkpoint_id=str(ckpt / DCP_DIR), no_dist=_no_dist())
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{ckpt / DCP_DIR}: cannot read the sharded checkpoint ({e})") from e
+    _dcp_load({"model": sd}, ckpt)
     return sd

@@ -75,6 +75,7 @@ class DistContext:
     parallel: str | None = None
     mesh: Any = None  # the 1-D DeviceMesh FSDP2 shards over
     owns_group: bool = False  # this context created the process group (and destroys it)
+    _timeout: float = 0.0  # train.dist_timeout, for messages
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # e.g. the run lock
 
     @property
@@ -126,6 +127,12 @@ class DistContext:
             if peer is not None:
                 raise RankFailed(peer) from e
             _publish_error(f"rank {self.rank} failed: {_describe(e)}")
+            if _in_collective(e):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RankFailed(
+                    f"rank {self.rank}: a collective failed: another rank stopped, was killed or did not answer "
+                    f"within train.dist_timeout = {self._timeout:g} s ({first})"
+                ) from e
             raise
 
     def barrier(self) -> None:
@@ -152,6 +159,20 @@ class DistContext:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+def _in_collective(e: BaseException) -> bool:
+    """Whether `e` was raised inside torch.distributed (a collective, FSDP's hooks, DCP): with no
+    message from another rank, the likely cause is a rank that died or hangs."""
+    import traceback
+
+    if type(e).__module__.startswith("torch.distributed"):
+        return True
+    # A collective inside an autograd hook (FSDP's reduce-scatter) surfaces from backward() without
+    # torch.distributed frames; the backends name themselves in their messages.
+    if any(k in str(e) for k in ("gloo", "NCCL", "ProcessGroup", "Connection closed by peer")):
+        return True
+    return any(f"torch{os.sep}distributed{os.sep}" in fr.filename for fr in traceback.extract_tb(e.__traceback__))
 
 
 def _describe(e: BaseException) -> str:
@@ -237,6 +258,7 @@ def session(cfg: RunConfig, device: torch.device | str | None = None) -> Iterato
         local_rank=local_rank,
         parallel=parallel,
         owns_group=owns,
+        _timeout=cfg.train.dist_timeout,
     )
     try:
         if ctx.sharded:

@@ -257,6 +257,9 @@ def session(cfg: RunConfig, device: torch.device | str | None = None) -> Iterato
     parallel = cfg.train.parallel
     if parallel not in PARALLEL_MODES:
         raise ConfigError(f"train.parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
+        # fully_shard, DTensor's public API and get_total_norm/clip_grads_with_norm_ arrived in 2.6.
+        raise ConfigError(f"training under torchrun needs torch >= 2.6, this is torch {torch.__version__}")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     dev = _resolve(cfg, device, local_rank, int(os.environ["WORLD_SIZE"]))
     owns = not dist.is_initialized()

@@ -104,7 +104,10 @@ class TokenData:
             self._starts.append(self._starts[-1] + len(m))
 
     @classmethod
-    def open(cls, data_dir: str | Path, *, verify: bool = True) -> TokenData:
+    def open(cls, data_dir: str | Path, *, verify: bool = True, share: tuple[int, int] = (0, 1)) -> TokenData:
+        """share = (rank, world_size): with verify, hash only shards i with i % world_size == rank (and the
+        tokenizer on rank 0), so the ranks of a run check the data once between them, in parallel."""
+        rank, world = share
         d = Path(data_dir)
         if not d.is_dir():
             raise FileNotFoundError(f"data directory {d} not found; create it with `fastgrow prepare SOURCE --out {d}`")
@@ -121,7 +124,7 @@ class TokenData:
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         maps: list[np.ndarray] = []
         total = 0
-        for shard in meta["shards"]:
+        for i, shard in enumerate(meta["shards"]):
             path = d / shard["file"]
             n = int(shard["num_tokens"])
             if not path.is_file():
@@ -132,7 +135,7 @@ class TokenData:
                     f"shard {path}: size mismatch: {size} bytes on disk, {n * dtype.itemsize} expected "
                     f"({n} tokens of {dtype.name}); the data is corrupt, re-run `fastgrow prepare`"
                 )
-            if verify:
+            if verify and i % world == rank:
                 got = sha256_file(path)
                 if got != shard["sha256"]:
                     raise DataError(
@@ -146,7 +149,7 @@ class TokenData:
             raise DataError(f"{meta_path}: shards hold {total} tokens but num_tokens says {meta['num_tokens']}")
         data = cls(d, meta, maps)
         tok = meta.get("tokenizer", {})
-        check_tok = verify and bool(tok.get("sha256")) and data.tokenizer_path.is_file()
+        check_tok = verify and rank == 0 and bool(tok.get("sha256")) and data.tokenizer_path.is_file()
         if check_tok and sha256_file(data.tokenizer_path) != tok["sha256"]:
             raise DataError(f"tokenizer {data.tokenizer_path}: checksum mismatch; re-run `fastgrow prepare`")
         return data

@@ -185,7 +185,7 @@ def _open_run(cfg: RunConfig, ctx: distributed.DistContext) -> TokenData:
     from fastgrow.runlock import RunLock
 
     batch_split(cfg.data.batch_size, cfg.train.grad_accum, ctx.world_size)  # a clear error if it does not divide
-    data = TokenData.open(cfg.data.data_dir)
+    data = TokenData.open(cfg.data.data_dir, share=(ctx.rank, ctx.world_size))  # ranks split the hashing
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "

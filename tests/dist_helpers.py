@@ -56,7 +56,7 @@ class Rank:
         return self.err_path.read_text()
 
 
-def spawn(argvs: list[list[str]], logs: Path) -> list[Rank]:
+def spawn(argvs: list[list[str]], logs: Path, env: dict[str, str] | None = None) -> list[Rank]:
     """Start one process per argv (rank = index) as one process group; outputs go to files in `logs`."""
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -64,7 +64,8 @@ def spawn(argvs: list[list[str]], logs: Path) -> list[Rank]:
     for r, argv in enumerate(argvs):
         out, err = logs / f"rank{r}.out", logs / f"rank{r}.err"
         with open(out, "w") as fo, open(err, "w") as fe:
-            proc = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=REPO, env=rank_env(r, len(argvs), port))
+            full_env = {**rank_env(r, len(argvs), port), **(env or {})}
+            proc = subprocess.Popen(argv, stdout=fo, stderr=fe, cwd=REPO, env=full_env)
         ranks.append(Rank(r, proc, out, err))
     return ranks
 
@@ -100,21 +101,15 @@ def write_toml(cfg, path: Path) -> Path:
     return path
 
 
-def altered_data_copy(src: Path, dst: Path, *, token: int | None = None, corrupt: bool = False) -> Path:
-    """A copy of prepared token data: every token replaced by `token` (metadata rewritten so it opens),
-    or with one shard byte flipped behind the metadata's back (`corrupt`: a checksum mismatch)."""
+def altered_data_copy(src: Path, dst: Path, *, token: int) -> Path:
+    """A copy of prepared token data with every token replaced by `token` (metadata rewritten so it
+    opens and verifies)."""
     shutil.copytree(src, dst)
     meta = json.loads((dst / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     for shard in meta["shards"]:
-        path = dst / shard["file"]
-        if corrupt:
-            raw = bytearray(path.read_bytes())
-            raw[0] ^= 0xFF
-            path.write_bytes(bytes(raw))
-            return dst
         toks = np.full(shard["num_tokens"], token, dtype=dtype).tobytes()
-        path.write_bytes(toks)
+        (dst / shard["file"]).write_bytes(toks)
         shard["sha256"] = hashlib.sha256(toks).hexdigest()
     (dst / "meta.json").write_text(json.dumps(meta))
     return dst

@@ -127,9 +127,17 @@ def test_reshard_and_sharded_growth_are_bitwise(tiny_data, tmp_path):
 def test_ddp_matches_one_process_through_growth(tiny_data, tmp_path, reference):
     cfg = run_cfg(tiny_data, tmp_path / "ddp", parallel="ddp")
     toml = write_toml(cfg, tmp_path / "run.toml")
-    ranks = spawn([cli("train", "--config", toml)] * 2, tmp_path / "logs")
+    peak = 1e9
+    ranks = spawn([cli("train", "--config", toml)] * 2, tmp_path / "logs", env={"FASTGROW_PEAK_FLOPS": str(peak)})
     assert wait(ranks, TIMEOUT) == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
     assert_close(by_step(tmp_path / "ddp"), by_step(reference), range(1, 9))
+    # tokens/s counts both ranks' tokens (the global batch), MFU is against 2 x the device peak.
+    from fastgrow.model import flops_per_token
+
+    for r in records(tmp_path / "ddp", "train"):
+        arch = cfg.model if r["step"] <= 3 else dataclasses.replace(cfg.model, n_layers=4)
+        want = flops_per_token(arch, cfg.data.seq_len) * r["tokens_per_s"] / (2 * peak)
+        assert r["tokens"] == r["step"] * 4 * 32 and r["mfu"] == pytest.approx(want, rel=1e-9)
     assert read_manifest(latest_checkpoint(tmp_path / "ddp")).get("layout", "single") == "single"
     assert ranks[1].stdout == ""  # rank 1 prints nothing
 
@@ -174,15 +182,16 @@ def test_sigterm_on_one_rank_saves_once_and_every_rank_exits_and_the_lock_refuse
 def test_a_failing_rank_stops_every_rank_with_its_message(tiny_data, tmp_path):
     cfg = run_cfg(tiny_data, tmp_path / "a", eval_every=0)
     toml = write_toml(cfg, tmp_path / "run.toml")
-    # At start: rank 1 reads a corrupt shard.
-    bad = altered_data_copy(tiny_data, tmp_path / "corrupt", corrupt=True)
+    # At start: rank 1 cannot find its data.
+    missing = tmp_path / "no-data"
     ranks = spawn(
-        [cli("train", "--config", toml), cli("train", "--config", toml, f"--data.data_dir={bad}")], tmp_path / "l1"
+        [cli("train", "--config", toml), cli("train", "--config", toml, f"--data.data_dir={missing}")], tmp_path / "l1"
     )
     assert wait(ranks, TIMEOUT) == [1, 2]
-    assert "fastgrow: error: rank 1: shard" in ranks[1].stderr and "checksum mismatch" in ranks[1].stderr
-    assert "fastgrow: error: rank 1 failed: shard" in ranks[0].stderr
-    assert "Traceback" not in ranks[0].stderr
+    assert f"fastgrow: error: rank 1: data directory {missing} not found" in ranks[1].stderr
+    assert f"fastgrow: error: rank 1 failed: data directory {missing} not found" in ranks[0].stderr
+    assert "Traceback" not in ranks[0].stderr + ranks[1].stderr
+    assert latest_checkpoint(tmp_path / "a") is None
     # In the loop: rank 1's tokens are outside the vocabulary, its first forward pass raises.
     oov = altered_data_copy(tiny_data, tmp_path / "oov", token=600)
     out = tmp_path / "b"

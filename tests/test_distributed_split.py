@@ -76,3 +76,27 @@ def test_validation_shards_cover_every_window_once_with_equal_forward_counts(n, 
     assert torch.equal(torch.cat([x for x, _ in real]), torch.cat([b[0] for b in batches]))
     assert torch.equal(torch.cat([y for _, y in real]), torch.cat([b[1] for b in batches]))
     assert all(len(x) <= bs for s in shards for x, _, _ in s)
+
+
+def test_ranks_split_the_data_verification(tmp_path):
+    """Rank r hashes shards r, r + W, ...: together they check every shard once."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    shards = []
+    for i in range(3):
+        toks = np.arange(100, dtype="<u2") + i
+        (tmp_path / f"s{i}.bin").write_bytes(toks.tobytes())
+        shards.append({"file": f"s{i}.bin", "num_tokens": 100, "sha256": hashlib.sha256(toks.tobytes()).hexdigest()})
+    meta = {"format": "fastgrow-tokens", "format_version": 1, "dtype": "uint16", "vocab_size": 200, "eos_id": 0}
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "num_tokens": 300, "shards": shards}))
+    raw = bytearray((tmp_path / "s1.bin").read_bytes())
+    raw[0] ^= 1
+    (tmp_path / "s1.bin").write_bytes(bytes(raw))  # shard 1 is corrupt
+    TokenData.open(tmp_path, share=(0, 2))  # shards 0 and 2
+    with pytest.raises(ValueError, match="s1.bin: checksum mismatch"):
+        TokenData.open(tmp_path, share=(1, 2))
+    with pytest.raises(ValueError, match="s1.bin: checksum mismatch"):
+        TokenData.open(tmp_path)

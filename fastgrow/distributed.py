@@ -360,6 +360,17 @@ def build_parallel_state(cfg: RunConfig, ctx: DistContext):
     return dataclasses.replace(state, optimizer=build_optimizer(state.model, cfg.train))
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit back to its sharded parameters. FSDP2 leaves the root unit gathered after a
+    forward pass (it expects the backward); after an evaluation or before growth that would leave whole
+    plain tensors registered where the optimizer holds the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -518,6 +529,8 @@ def sharded_mean_loss(
             loss = model(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)).float()
             acc[0] += loss * rows
             acc[1] += rows
+    if ctx.sharded:
+        reshard(model)
     model.train(was_training)
     dist.all_reduce(acc, op=dist.ReduceOp.SUM)
     return (acc[0] / acc[1]).item()

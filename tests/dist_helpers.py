@@ -91,16 +91,6 @@ def wait(ranks: list[Rank], timeout: float) -> list[int]:
     return codes
 
 
-def write_toml(cfg, path: Path) -> Path:
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def altered_data_copy(src: Path, dst: Path, *, token: int) -> Path:
     """A copy of prepared token data with every token replaced by `token` (metadata rewritten so it
     opens and verifies)."""

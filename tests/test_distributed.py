@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_run_config
-from dist_helpers import REPO, altered_data_copy, cli, spawn, wait, write_toml
+from dist_helpers import REPO, altered_data_copy, cli, spawn, wait
+from test_train import write_toml
 
 from fastgrow.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_manifest
 from fastgrow.config import GrowthConfig
@@ -33,7 +34,7 @@ def run_cfg(data, out, **train_kw):
     kw = dict(max_steps=8, eval_every=4, ckpt_every=0, device="cpu", dist_timeout=30.0)
     kw.update(train_kw)
     cfg = tiny_run_config(data, out, **kw)
-    return dataclasses.replace(cfg, growth=GrowthConfig(at_tokens=3 * 4 * 32, op="stack", factor=2))
+    return dataclasses.replace(cfg, growth=(GrowthConfig(at_tokens=3 * 4 * 32, op="stack", factor=2),))
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -99,8 +100,8 @@ def test_reshard_and_sharded_growth_are_bitwise(tiny_data, tmp_path):
     state gives bitwise the tensors of grow() in one process, for depth, new-block, noise and width
     operators; a NaN on one rank makes every rank skip that step."""
     cfg = run_cfg(tiny_data, tmp_path / "single", max_steps=4, eval_every=0)
-    train(dataclasses.replace(cfg, growth=GrowthConfig()), echo=False, until_step=2)
-    (tmp_path / "cfg.json").write_text(dataclasses.replace(cfg, growth=GrowthConfig()).to_json())
+    train(dataclasses.replace(cfg, growth=()), echo=False, until_step=2)
+    (tmp_path / "cfg.json").write_text(dataclasses.replace(cfg, growth=()).to_json())
     worker = [sys.executable, str(REPO / "tests" / "dist_worker.py"), str(tmp_path)]
     ranks = spawn([worker, worker], tmp_path / "logs")
     assert wait(ranks, TIMEOUT) == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]

@@ -30,11 +30,16 @@ REL = 1e-3  # the issue's bound; the sums run in another order, nothing else dif
 
 
 def run_cfg(data, out, **train_kw):
-    """Tiny model, 8 steps, a stack x2 growth after 3 steps (batch 4 x 32 tokens), eval at 4 and 8."""
+    """Tiny model, 8 steps of 4 x 32 tokens, eval at 4 and 8, two growth stages: stack x2 after 3 steps
+    (moments carried, LR re-warmed), then width x2 (dim, heads, ffn) after 5 with a fresh optimizer."""
     kw = dict(max_steps=8, eval_every=4, ckpt_every=0, device="cpu", dist_timeout=30.0)
     kw.update(train_kw)
     cfg = tiny_run_config(data, out, **kw)
-    return dataclasses.replace(cfg, growth=(GrowthConfig(at_tokens=3 * 4 * 32, op="stack", factor=2),))
+    stages = (
+        GrowthConfig(at_tokens=3 * 4 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),
+        GrowthConfig(at_tokens=5 * 4 * 32, op="width", target_dim=64, target_ffn_dim=128, optimizer="reset"),
+    )
+    return dataclasses.replace(cfg, growth=stages)
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
@@ -76,7 +81,14 @@ def test_torchrun_matches_one_process_through_growth_and_resumes_in_one_process(
     assert_close(two, one, range(1, 7))
     assert_close(by_step(tmp_path / "two", "val", "val_loss"), by_step(reference, "val", "val_loss"), [4])
     grew = records(tmp_path / "two", "growth")
-    assert [(g["step"], g["layers_before"], g["layers_after"]) for g in grew] == [(3, 2, 4)]
+    assert [(g["step"], g["layers_after"], g["params_after"]) for g in grew] == [
+        (g["step"], g["layers_after"], g["params_after"]) for g in records(reference, "growth")
+    ]
+    assert [(g["step"], g["stage"], g["layers_after"]) for g in grew] == [(3, 0, 4), (5, 1, 4)]
+    for key in ("val_loss_before", "val_loss_after"):  # the growth event's sharded evaluations
+        assert_close(
+            {g["step"]: g[key] for g in grew}, {g["step"]: g[key] for g in records(reference, "growth")}, [3, 5]
+        )
     ckpt = latest_checkpoint(tmp_path / "two")
     assert ckpt.name == "step-00000006" and read_manifest(ckpt)["layout"] == "dcp"
     assert sorted(n for n in read_manifest(ckpt)["files"] if n.endswith(".distcp")) == [
@@ -85,7 +97,7 @@ def test_torchrun_matches_one_process_through_growth_and_resumes_in_one_process(
     ]
     # The 2-rank checkpoint (grown model, sharded) resumes in this single process.
     res = train(cfg, resume=True, echo=False)
-    assert res.state.step == 8 and res.state.model.cfg.n_layers == 4
+    assert res.state.step == 8 and (res.state.model.cfg.n_layers, res.state.model.cfg.dim) == (4, 64)
     assert_close(by_step(tmp_path / "two"), one, [7, 8])
     # `fastgrow export` reads the sharded checkpoint: the same weights as a one-process load of it.
     from fastgrow.checkpoint_dcp import read_model_weights
@@ -137,6 +149,8 @@ def test_ddp_matches_one_process_through_growth(tiny_data, tmp_path, reference):
 
     for r in records(tmp_path / "ddp", "train"):
         arch = cfg.model if r["step"] <= 3 else dataclasses.replace(cfg.model, n_layers=4)
+        if r["step"] > 5:
+            arch = dataclasses.replace(arch, dim=64, n_heads=8, n_kv_heads=4, ffn_dim=128)
         want = flops_per_token(arch, cfg.data.seq_len) * r["tokens_per_s"] / (2 * peak)
         assert r["tokens"] == r["step"] * 4 * 32 and r["mfu"] == pytest.approx(want, rel=1e-9)
     assert read_manifest(latest_checkpoint(tmp_path / "ddp")).get("layout", "single") == "single"

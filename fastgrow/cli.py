@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     cfg = build_config(args, rest)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        if env_rank() == 0:
+            print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     result = train(cfg, resume=args.resume, until_step=args.steps)
     if env_rank() == 0:  # under torchrun only rank 0 talks

@@ -50,10 +50,11 @@ from fastgrow.checkpoint import (
     write_checkpoint_meta,
 )
 from fastgrow.config import RunConfig
-from fastgrow.distributed import DistContext, shard_rows
+from fastgrow.distributed import DistContext
 from fastgrow.fsutil import fsync_file, sha256_file
 from fastgrow.model import Transformer
 from fastgrow.optim import build_optimizer
+from fastgrow.sharding import shard_rows
 from fastgrow.state import TrainState
 
 DCP_DIR = "dcp"
@@ -240,7 +241,7 @@ def _load_single_into_sharded(state: TrainState, ckpt: Path) -> None:
 def _sharded_model(model_cfg, ctx: DistContext) -> Transformer:
     """An FSDP2-sharded model whose local shards are allocated but not initialised (a load fills them):
     built on the meta device, so no rank ever holds the full model."""
-    from fastgrow.distributed import init_buffers, shard_model
+    from fastgrow.sharding import init_buffers, shard_model
 
     with torch.device("meta"):
         model = Transformer(model_cfg)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrow import distributed
+from fastgrow import distributed, sharding
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrow.checkpoint_dcp import load_parallel_state, save_sharded_checkpoint
 from fastgrow.config import RunConfig
@@ -39,9 +39,9 @@ def tensors(state) -> dict[str, torch.Tensor]:
     """Every parameter, Adam moment and step as full tensors (collective for a sharded state)."""
     out = {}
     for name, p in state.model.named_parameters():
-        out[name] = distributed.full_tensor(p.detach())
+        out[name] = sharding.full_tensor(p.detach())
         for key, v in sorted(state.optimizer.state.get(p, {}).items()):
-            out[f"{key}/{name}"] = distributed.full_tensor(v)
+            out[f"{key}/{name}"] = sharding.full_tensor(v)
     return out
 
 
@@ -65,7 +65,7 @@ def main(work: Path) -> None:
         src = latest_checkpoint(work / "single")
         sharded = load_parallel_state(src, cfg, ctx)
         plain = load_checkpoint(src, "cpu", config=cfg)
-        assert distributed.model_is_sharded(sharded.model)
+        assert sharding.model_is_sharded(sharded.model)
         results["load_single"] = mismatches(sharded, plain)
         save_sharded_checkpoint(sharded, work / "dcp", keep=2, tokenizer=None, ctx=ctx)
         for name, plan in PLANS.items():

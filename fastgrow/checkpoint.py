@@ -85,9 +85,11 @@ class Layout:
         return name in self.required or name in self.optional or bool(self.pattern and re.fullmatch(self.pattern, name))
 
 
-# The single-process layout; the distributed (sharded) layout adds its own entry.
+# The single-process layout, and the sharded layout of distributed runs (fastgrow.checkpoint_dcp: DCP's
+# index and one data file per rank; checkpoint_dcp.check_listing also requires every file under dcp/).
 LAYOUTS: dict[str, Layout] = {
     "single": Layout("single", ("model.safetensors", "optimizer.safetensors", STATE), ("tokenizer.json",)),
+    "dcp": Layout("dcp", (STATE, "dcp/.metadata"), ("tokenizer.json",), pattern=r"dcp/__\d+_\d+\.distcp"),
 }
 DEFAULT_LAYOUT = "single"  # manifests written before the "layout" key existed
 
@@ -111,6 +113,8 @@ RESUME_MUTABLE = {
     "train.tensorboard",
     "train.wandb",
     "train.wandb_project",
+    "train.parallel",  # a checkpoint resumes at any world size, sharded or not
+    "train.dist_timeout",
 }
 
 
@@ -263,33 +267,48 @@ def save_checkpoint(
     tmp: Path | None = None
     try:
         run.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=run))
-        _write_files(state, tmp, tokenizer, metrics_records)
-        if final.exists():  # an earlier checkpoint of the same step (e.g. re-saved after a resume)
-            remove_checkpoint(final)
-        os.replace(tmp, final)
-        fsync_dir(run)
+        tmp = new_checkpoint_dir(final)
+        weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
+        write_checkpoint_meta(tmp, state, tokenizer, metrics_records=metrics_records)
+        commit_checkpoint(tmp, final, state.step, "single")
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and is_io_error(e) and not isinstance(e, IOFailure):
-            newest = latest_checkpoint(run)
-            where = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists"
-            raise IOFailure(
-                f"cannot write checkpoint {final}: {io_cause(e)}; {where}", getattr(e, "errno", None)
-            ) from e
-        raise
-    _prune(run, keep)
+        raise checkpoint_io_failure(e, final) from e
+    prune_checkpoints(run, keep)
     return final
 
 
-def _write_files(state: TrainState, tmp: Path, tokenizer: str | Path | None, metrics_records: int | None) -> None:
+def checkpoint_io_failure(e: BaseException, final: Path) -> BaseException:
+    """What a failed write of checkpoint `final` raises: an I/O error becomes one IOFailure line naming the
+    checkpoint, the cause and the newest complete checkpoint; anything else is raised as it is."""
+    if isinstance(e, Exception) and is_io_error(e) and not isinstance(e, IOFailure):
+        newest = latest_checkpoint(final.parent)
+        where = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists"
+        return IOFailure(f"cannot write checkpoint {final}: {io_cause(e)}; {where}", getattr(e, "errno", None))
+    return e
+
+
+def new_checkpoint_dir(final: Path) -> Path:
+    """The temporary directory `<final>.tmp-<random>` a checkpoint is written into."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint should be as readable as any dir
-    weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
+    return tmp
+
+
+def write_checkpoint_meta(
+    tmp: Path,
+    state: TrainState,
+    tokenizer: str | Path | None,
+    extra: dict[str, Any] | None = None,
+    *,
+    metrics_records: int | None = None,
+) -> None:
+    """state.json (everything but tensors) and the tokenizer copy, in every layout."""
     meta = {
         "format_version": FORMAT_VERSION,
         "fastgrow_version": __version__,
@@ -302,22 +321,42 @@ def _write_files(state: TrainState, tmp: Path, tokenizer: str | Path | None, met
         "config": state.config.to_dict(),
         "model_config": state.model.cfg.architecture(),
         "rng": _rng_state(),
+        **(extra or {}),
     }
     if metrics_records is not None:
         meta["metrics_records"] = metrics_records
     write_json_durable(tmp / STATE, meta)
     if tokenizer is not None and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+
+
+def commit_checkpoint(
+    tmp: Path, final: Path, step: int, layout: str, hashed: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Manifest last (every file under `tmp`, sizes and sha256; `hashed`: entries already fsynced and
+    hashed elsewhere, e.g. by the rank that wrote them), then rename `tmp` to `final`, fsyncing both."""
+    hashed = hashed or {}
     files = {}
-    for f in sorted(tmp.iterdir()):
+    for f in sorted(tmp.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(tmp).as_posix()
+        if rel in hashed:
+            files[rel] = hashed[rel]
+            continue
         fsync_file(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    manifest = {"format_version": FORMAT_VERSION, "layout": "single", "step": state.step, "files": files}
+        files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    manifest = {"format_version": FORMAT_VERSION, "layout": layout, "step": step, "files": files}
     write_json_durable(tmp / MANIFEST, manifest)
-    fsync_dir(tmp)
+    for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}, key=lambda x: -len(x.parts)):
+        fsync_dir(d)
+    if final.exists():  # an earlier checkpoint of the same step (e.g. re-saved after a resume)
+        remove_checkpoint(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
 
 
-def _prune(run: Path, keep: int) -> None:
+def prune_checkpoints(run: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; remove older step folders (complete or damaged) and
     the leftovers of killed writes/deletes."""
     complete = list_checkpoints(run)
@@ -405,22 +444,36 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
+def checkpoint_layout(manifest: dict[str, Any]) -> str:
+    """The manifest's layout: "single" (one process's safetensors files; also manifests written before
+    layouts existed) or "dcp" (sharded, fastgrow.checkpoint_dcp)."""
+    return manifest.get("layout", DEFAULT_LAYOUT)
+
+
+def verify_file(ckpt: Path, name: str, info: dict[str, Any]) -> None:
+    """One listed file: present, of the listed size and sha256."""
+    f = ckpt / name
+    if not f.is_file():
+        raise CheckpointError(f"{f}: listed in the manifest but missing")
+    try:
+        good = f.stat().st_size == info["bytes"] and sha256_file(f) == info["sha256"]
+    except OSError as e:
+        raise CheckpointError(f"{f}: unreadable ({io_cause(e)})") from None
+    if not good:
+        raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+
+
 def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     """Check the manifest (`read_manifest`), every file it lists (size and sha256) and state.json's keys
     (`read_state`); return the manifest."""
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
+    if checkpoint_layout(manifest) == "dcp":
+        from fastgrow.checkpoint_dcp import check_listing
+
+        check_listing(ckpt, manifest)
     for name, info in manifest["files"].items():
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in the manifest but missing")
-        try:
-            size = f.stat().st_size
-            good = size == info["bytes"] and sha256_file(f) == info["sha256"]
-        except OSError as e:
-            raise CheckpointError(f"{f}: unreadable ({io_cause(e)})") from None
-        if not good:
-            raise CheckpointError(f"{f}: checksum mismatch (the checkpoint is corrupt)")
+        verify_file(ckpt, name, info)
     read_state(ckpt)
     return manifest
 
@@ -483,39 +536,64 @@ def load_checkpoint(
     verify: bool = True,
     restore_rng: bool = True,
 ) -> TrainState:
-    """Load a TrainState. With `config`, the checkpoint's run config must agree (else ConfigError)
-    and the returned state carries `config` (its mutable fields, such as logging, may differ)."""
+    """Load a TrainState (any layout, into one process). With `config`, the checkpoint's run config must
+    agree (else ConfigError) and the returned state carries `config` (its mutable fields, such as
+    logging, may differ)."""
     ckpt = resolve_checkpoint(path)
-    if verify:
-        verify_checkpoint(ckpt)
-    else:
-        read_manifest(ckpt)
+    manifest = verify_checkpoint(ckpt) if verify else read_manifest(ckpt)
     meta = read_state(ckpt)
-    saved_cfg = meta["config"]
-    if config is not None:
-        diffs = config_differences(saved_cfg, config)
-        auto = any(g.get("at_tokens") == "auto" for g in _saved_stages(saved_cfg))
-        if auto and not meta["growth_history"] and saved_cfg["train"]["max_steps"] != config.train.max_steps:
-            # "auto" growth timing is computed from the run's token budget: it would move.
-            diffs.append(
-                f"train.max_steps: checkpoint {saved_cfg['train']['max_steps']} vs now {config.train.max_steps} "
-                '(cannot change before an at_tokens = "auto" growth event, whose timing depends on it)'
-            )
-        if diffs:
-            raise ConfigError(f"resume config mismatch with {ckpt}: " + "; ".join(diffs))
-        run_cfg = config
+    run_cfg = resume_config(meta, config, ckpt)
+    dev = torch.device(device)
+    model = Transformer(checkpoint_model_config(meta, run_cfg)).to(dev)
+    optimizer = build_optimizer(model, run_cfg.train)
+    state = state_from_meta(meta, run_cfg, model, optimizer)
+    if checkpoint_layout(manifest) == "dcp":
+        from fastgrow.checkpoint_dcp import load_dcp_tensors
+
+        load_dcp_tensors(state, ckpt, meta)
     else:
-        run_cfg = RunConfig.from_dict(saved_cfg)
-    model_cfg = ModelConfig(
+        weights = load_file(str(ckpt / "model.safetensors"), device=str(dev))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})"
+            )
+        load_optimizer_tensors(state, load_file(str(ckpt / "optimizer.safetensors"), device=str(dev)))
+    if restore_rng:
+        restore_rng_state(meta)
+    return state
+
+
+def resume_config(meta: dict[str, Any], config: RunConfig | None, ckpt: Path) -> RunConfig:
+    """The run config a loaded state carries: `config` if it agrees with the checkpoint's (ConfigError
+    naming every field that may not change), else the checkpoint's own."""
+    saved_cfg = meta["config"]
+    if config is None:
+        return RunConfig.from_dict(saved_cfg)
+    diffs = config_differences(saved_cfg, config)
+    auto = any(g.get("at_tokens") == "auto" for g in _saved_stages(saved_cfg))
+    if auto and not meta["growth_history"] and saved_cfg["train"]["max_steps"] != config.train.max_steps:
+        # "auto" growth timing is computed from the run's token budget: it would move.
+        diffs.append(
+            f"train.max_steps: checkpoint {saved_cfg['train']['max_steps']} vs now {config.train.max_steps} "
+            '(cannot change before an at_tokens = "auto" growth event, whose timing depends on it)'
+        )
+    if diffs:
+        raise ConfigError(f"resume config mismatch with {ckpt}: " + "; ".join(diffs))
+    return config
+
+
+def checkpoint_model_config(meta: dict[str, Any], run_cfg: RunConfig) -> ModelConfig:
+    """The live architecture the checkpoint holds (grown or not), with the run's kernel choices."""
+    return ModelConfig(
         **meta["model_config"], attn_backend=run_cfg.model.attn_backend, kernel_impl=run_cfg.model.kernel_impl
     )
-    dev = torch.device(device)
-    model = Transformer(model_cfg).to(dev)
-    weights = load_file(str(ckpt / "model.safetensors"), device=str(dev))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-    optimizer = build_optimizer(model, run_cfg.train)
+
+
+def state_from_meta(
+    meta: dict[str, Any], run_cfg: RunConfig, model: Transformer, optimizer: torch.optim.AdamW
+) -> TrainState:
+    """A TrainState around `model`/`optimizer` with the counters, cursor, schedule and history of state.json."""
     state = TrainState(
         config=run_cfg,
         model=model,
@@ -530,7 +608,9 @@ def load_checkpoint(
     if state.schedule.total_steps != run_cfg.train.max_steps:
         # A resume with a new train.max_steps re-targets the decay to the new end of the run.
         state.schedule.total_steps = run_cfg.train.max_steps
-    load_optimizer_tensors(state, load_file(str(ckpt / "optimizer.safetensors"), device=str(dev)))
-    if restore_rng and "rng" in meta:
-        _set_rng_state(meta["rng"])
     return state
+
+
+def restore_rng_state(meta: dict[str, Any]) -> None:
+    if "rng" in meta:
+        _set_rng_state(meta["rng"])

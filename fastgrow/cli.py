@@ -115,18 +115,21 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from fastgrow.launch_env import env_rank
+
     cfg = build_config(args, rest)
     if args.print_config:
         from fastgrow.config_toml import config_toml
 
-        header = "fastgrow train: the resolved config; run it with `fastgrow train --config THIS_FILE`"
-        print(config_toml(cfg, header), end="")
+        if env_rank() == 0:  # under torchrun only rank 0 talks
+            header = "fastgrow train: the resolved config; run it with `fastgrow train --config THIS_FILE`"
+            print(config_toml(cfg, header), end="")
         return 0
     from fastgrow.train import train
 
     result = train(cfg, resume=args.resume, resume_from=args.resume_from, until_step=args.steps)
-    summary = result.summary()
-    print(json.dumps(summary, indent=2))
+    if env_rank() == 0:
+        print(json.dumps(result.summary(), indent=2))
     return 128 + (result.stop_signal or 15) if result.interrupted else 0
 
 
@@ -361,7 +364,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     Only modules already imported are asked: an exception of a module that was never loaded cannot have
     been raised, and importing it here would pull in torch for nothing."""
     errors: list[type[BaseException]] = [ValueError, OSError]
-    for module, name in (("fastgrow.checkpoint", "CheckpointError"), ("fastgrow.train", "TrainingAborted")):
+    for module, name in (
+        ("fastgrow.checkpoint", "CheckpointError"),
+        ("fastgrow.train", "TrainingAborted"),
+        ("fastgrow.distributed", "RankFailed"),
+    ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -383,7 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one clear line for the user's mistakes; tracebacks for our bugs
         if os.environ.get("FASTGROW_DEBUG") or not isinstance(e, _user_errors()):
             raise
-        print(f"fastgrow: error: {cli_message(e)}", file=sys.stderr)
+        from fastgrow.launch_env import env_rank, env_world_size
+
+        rank_failed = getattr(sys.modules.get("fastgrow.distributed"), "RankFailed", ())
+        if isinstance(e, rank_failed) and env_rank() != 0:
+            return 1  # under torchrun rank 0 reports another rank's failure; the rest stay quiet
+        where = f"rank {env_rank()}: " if env_world_size() > 1 and not isinstance(e, rank_failed) else ""
+        print(f"fastgrow: error: {where}{cli_message(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, OSError)) else 1
 
 

@@ -195,6 +195,11 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "fastgrow"
+    # Under torchrun: "fsdp" (FSDP2, parameters and Adam moments sharded over the ranks) or "ddp"
+    # (replicated). A process not started by torchrun ignores it.
+    parallel: str = "fsdp"
+    # Seconds any collective may wait under torchrun before the run stops (a rank that died or hangs).
+    dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
@@ -215,6 +220,8 @@ class TrainConfig:
         _check(self.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0 disables), got {self.ckpt_every}")
         _check(self.keep_ckpts >= 2, f"train.keep_ckpts must be >= 2, got {self.keep_ckpts}")
         _check(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        _check(self.parallel in ("fsdp", "ddp"), f"train.parallel must be fsdp|ddp, got {self.parallel!r}")
+        _check(self.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 def _stage_error(i: int, e: ConfigError) -> ConfigError:

@@ -56,6 +56,15 @@ layer comes from) and `fastgrow.growth_config.OP_FIELDS` (which config fields it
 that computes the grown weights itself (e.g. learned maps) passes `weights=` to grow(), which still
 allocates the target, builds the optimizer, carries or resets the moments, sets the schedule and writes
 the record.
+
+Sharded states (FSDP2 under torchrun; parameters and moments are DTensors sharded on dim 0): grow()
+allocates the grown model sharded over the same mesh (built on the meta device, never whole on a rank)
+and writes it with the same operators. A tensor copied unchanged from a layer of the same shape (depth
+growth) is copied shard to shard: every rank holds the same rows of every layer, so no data moves. A
+tensor whose values come from the random stream (new blocks, noise) is drawn at full size and each rank
+keeps its rows; a width map gathers its source tensor on the device (one all-gather per tensor) and
+fills a full-size temporary whose local rows are kept. So a sharded growth gives bitwise the tensors one
+process gives, with at most one tensor-sized temporary at a time (see fastgrow.sharding).
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ from typing import Any
 
 import torch
 
+from fastgrow import sharding
 from fastgrow.config import (
     DEFAULT_FACTOR,
     OPTIMIZER_POLICIES,
@@ -351,17 +361,28 @@ def grow(state: TrainState, plan: GrowPlan, *, weights: WeightsFn | None = None)
     carried by the plan's mapping (sources and width op).
     """
     r = resolve_plan(plan, state.model.cfg)
+    if hasattr(state.model, "reshard"):  # FSDP2: a forward without backward leaves the root gathered
+        sharding.reshard(state.model)
     _check_optimizer(state)
     schedule = _grown_schedule(state, plan)
     old_model = state.model
+    if weights is not None and sharding.model_is_sharded(old_model):
+        # It would need every full tensor of the old and the new model on every rank.
+        raise ValueError(
+            "this growth operator computes the grown weights itself and does not run on a sharded (FSDP) "
+            'state; train it with train.parallel = "ddp" under torchrun, or in one process'
+        )
     dev = state.device
     dtype = old_model.tok_embeddings.weight.dtype
 
     # Allocated once, uninitialised, directly on the device (a meta build + to_empty costs ~5x more
     # host time: meta ops are Python decompositions); every tensor is written below.
-    with torch.device(dev), _no_module_init():
-        new_model = _Uninitialised(r.dst)
-    new_model.__class__ = Transformer  # a plain Transformer from here on
+    if sharding.model_is_sharded(old_model):
+        new_model = sharding.sharded_like(r.dst, old_model)
+    else:
+        with torch.device(dev), _no_module_init():
+            new_model = _Uninitialised(r.dst)
+        new_model.__class__ = Transformer  # a plain Transformer from here on
     if dtype != new_model.tok_embeddings.weight.dtype:
         new_model = new_model.to(dtype=dtype)
     # Buffers (the RoPE tables) depend on head dim / max_seq_len / theta only, all kept by growth:
@@ -397,18 +418,21 @@ def grow(state: TrainState, plan: GrowPlan, *, weights: WeightsFn | None = None)
         for name, p in new_params.items():
             src_name = src_of[name]
             if src_name is None:
-                _init_new_block_param(p, name, plan.depth, new_model.init_std(name), gen)
+                with sharding.written_whole(p) as t:
+                    _init_new_block_param(t, name, plan.depth, new_model.init_std(name), gen)
             elif width.identity:
-                copier.add(p, old_params[src_name])
+                copier.add(sharding.local(p), sharding.local(old_params[src_name]))
             else:
-                width.fill(p, old_params[src_name], name, "param", new_model.init_std(name), gen)
+                src = sharding.full_tensor(old_params[src_name])  # sharded: an all-gather of this tensor
+                with sharding.written_whole(p) as t:
+                    width.fill(t, src, name, "param", new_model.init_std(name), gen)
         copier.flush()
     if plan.noise > 0:
         a = float(plan.noise)
         for name, p in new_params.items():
             if name.startswith("layers.") and p.dim() >= 2 and src_of[name] is not None:
-                eps = torch.empty_like(p).normal_(0.0, new_model.init_std(name), generator=gen)
-                p.mul_(1.0 - a).add_(eps, alpha=a)
+                eps = sharding.empty_whole(p).normal_(0.0, new_model.init_std(name), generator=gen)
+                sharding.local(p).mul_(1.0 - a).add_(sharding.local_rows(eps, p), alpha=a)
 
     optimizer = build_optimizer(new_model, state.config.train)
     old_lr = {g.get("group"): g["lr"] for g in state.optimizer.param_groups}
@@ -512,11 +536,12 @@ def _carry_moments(
         m = torch.empty_like(p, memory_format=torch.preserve_format)
         v = torch.empty_like(p, memory_format=torch.preserve_format)
         if width.identity:
-            copier.add(m, st_old["exp_avg"])
-            copier.add(v, st_old["exp_avg_sq"])
+            copier.add(sharding.local(m), sharding.local(st_old["exp_avg"]))
+            copier.add(sharding.local(v), sharding.local(st_old["exp_avg_sq"]))
         else:
-            width.fill(m, st_old["exp_avg"], name, "exp_avg")
-            width.fill(v, st_old["exp_avg_sq"], name, "exp_avg_sq")
+            for dst, key in ((m, "exp_avg"), (v, "exp_avg_sq")):
+                with sharding.written_whole(dst) as t:
+                    width.fill(t, sharding.full_tensor(st_old[key]), name, key)
         optimizer.state[p] = {"step": st_old["step"].clone(), "exp_avg": m, "exp_avg_sq": v}
     copier.flush()
 

@@ -541,14 +541,19 @@ def export_checkpoint(
     checkpoint) -> a LlamaForCausalLM folder, with the tokenizer if the checkpoint holds tokenizer.json."""
     from safetensors.torch import load_file
 
-    from fastgrow.checkpoint import read_state, resolve_checkpoint, verify_checkpoint
+    from fastgrow.checkpoint import checkpoint_layout, read_state, resolve_checkpoint, verify_checkpoint
 
     ckpt = resolve_checkpoint(ckpt_path)
-    verify_checkpoint(ckpt)
+    layout = checkpoint_layout(verify_checkpoint(ckpt))
     meta = read_state(ckpt)
     # The architecture of the weights as saved (after growth it differs from the run's [model]).
     cfg = ModelConfig(**meta["model_config"])
-    weights = load_file(str(ckpt / "model.safetensors"))
+    if layout == "dcp":  # written by several ranks under torchrun: DCP reassembles the full tensors
+        from fastgrow.checkpoint_dcp import read_model_weights
+
+        weights = read_model_weights(ckpt)
+    else:
+        weights = load_file(str(ckpt / "model.safetensors"))
     tok = ckpt / "tokenizer.json"
     return export_model(
         weights,

@@ -24,6 +24,17 @@ Public API
     exactly the batches the uninterrupted loader would have given. ``val_batches(n)``: ``n`` fixed batches
     from the validation split (windows spread evenly over it), the same on every call, independent of the
     cursor.
+``batch_split(batch_size, grad_accum, world_size) -> BatchSplit`` and ``BatchLoader.next_step(split, rank)``
+    Several ranks (torchrun) share one global batch of ``batch_size * grad_accum`` sequences per optimizer
+    step: the loader hands out the step's ``global_seqs`` windows in the order above (one process would
+    read them as ``grad_accum`` batches of ``batch_size``), rank r takes the contiguous slice
+    ``[r * per_rank, (r + 1) * per_rank)`` and cuts it into ``micro_steps`` micro-batches of ``micro``
+    rows (the largest divisor of per_rank that is at most batch_size, so a rank never runs a bigger
+    forward pass than one process would). Every rank advances the same cursor past the whole global
+    batch, so the cursor (and a checkpoint of it) does not depend on the world size; with one rank,
+    ``next_step`` returns exactly the ``grad_accum`` batches ``next_batch`` would.
+    ``shard_val_batches(batches, rank, world_size)``: the validation windows cut the same way, as
+    ``(x, y, rows)`` with the same number of forward passes on every rank (``rows = 0``: filler).
 
 Errors: a missing directory or meta.json -> ``FileNotFoundError`` telling to run ``fastgrow prepare``; a
 corrupt shard -> ``ValueError`` naming it ("checksum mismatch" / "size mismatch"); a split too small for
@@ -37,6 +48,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +108,10 @@ class TokenData:
             self._starts.append(self._starts[-1] + len(m))
 
     @classmethod
-    def open(cls, data_dir: str | Path, *, verify: bool = True) -> TokenData:
+    def open(cls, data_dir: str | Path, *, verify: bool = True, share: tuple[int, int] = (0, 1)) -> TokenData:
+        """share = (rank, world_size): with verify, hash only shards i with i % world_size == rank (and the
+        tokenizer on rank 0), so the ranks of a run check the data once between them, in parallel."""
+        rank, world = share
         d = Path(data_dir)
         if not d.is_dir():
             raise FileNotFoundError(f"data directory {d} not found; create it with `fastgrow prepare SOURCE --out {d}`")
@@ -113,7 +128,7 @@ class TokenData:
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         maps: list[np.ndarray] = []
         total = 0
-        for shard in meta["shards"]:
+        for i, shard in enumerate(meta["shards"]):
             path = _inside(d, shard["file"])
             n = int(shard["num_tokens"])
             if not path.is_file():
@@ -124,7 +139,7 @@ class TokenData:
                     f"shard {path}: size mismatch: {size} bytes on disk, {n * dtype.itemsize} expected "
                     f"({n} tokens of {dtype.name}); the data is corrupt, re-run `fastgrow prepare`"
                 )
-            if verify:
+            if verify and i % world == rank:
                 got = sha256_file(path)
                 if got != shard["sha256"]:
                     raise DataError(
@@ -138,7 +153,7 @@ class TokenData:
             raise DataError(f"{meta_path}: shards hold {total} tokens but num_tokens says {meta['num_tokens']}")
         data = cls(d, meta, maps)
         tok = meta.get("tokenizer", {})
-        check_tok = verify and bool(tok.get("sha256")) and data.tokenizer_path.is_file()
+        check_tok = verify and rank == 0 and bool(tok.get("sha256")) and data.tokenizer_path.is_file()
         if check_tok and sha256_file(data.tokenizer_path) != tok["sha256"]:
             raise DataError(f"tokenizer {data.tokenizer_path}: checksum mismatch; re-run `fastgrow prepare`")
         return data
@@ -282,12 +297,13 @@ class BatchLoader:
             self._order_epoch = epoch
         return self._order
 
-    def _next_indices(self) -> np.ndarray:
-        out = np.empty(self.batch_size, dtype=np.int64)
+    def _next_indices(self, n: int | None = None) -> np.ndarray:
+        n = self.batch_size if n is None else n
+        out = np.empty(n, dtype=np.int64)
         filled = 0
-        while filled < self.batch_size:
+        while filled < n:
             order = self._epoch_order(self.epoch)
-            take = min(self.batch_size - filled, self.num_windows - self.position)
+            take = min(n - filled, self.num_windows - self.position)
             out[filled : filled + take] = order[self.position : self.position + take]
             filled += take
             self.position += take
@@ -307,6 +323,16 @@ class BatchLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each int64 [batch_size, seq_len] on the CPU; advances the cursor."""
         return self._gather(self.view, self._next_indices())
+
+    def next_step(self, split: BatchSplit, rank: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank `rank`'s micro-batches of the next optimizer step (see `batch_split`); advances the cursor
+        past the whole global batch and reads only this rank's windows."""
+        if split.global_seqs % self.batch_size:
+            raise ValueError(f"a step's {split.global_seqs} sequences are not whole batches of {self.batch_size}")
+        start, stop = split.rank_range(rank)
+        mine = self._next_indices(split.global_seqs)[start:stop]
+        m = split.micro
+        return [self._gather(self.view, mine[i * m : (i + 1) * m]) for i in range(split.micro_steps)]
 
     def __iter__(self) -> BatchLoader:
         return self
@@ -362,3 +388,67 @@ class BatchLoader:
         if not 0 <= position < self.num_windows:
             raise ValueError(f"data cursor position {position} is outside [0, {self.num_windows})")
         self.epoch, self.position = epoch, position
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How one optimizer step's global batch is shared by `world_size` ranks (see `batch_split`)."""
+
+    global_seqs: int  # sequences per optimizer step, over all ranks
+    world_size: int
+    per_rank: int  # sequences each rank processes per step
+    micro: int  # rows of one forward/backward pass on a rank
+    micro_steps: int  # forward/backward passes per rank per step
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside [0, {self.world_size})")
+        return rank * self.per_rank, (rank + 1) * self.per_rank
+
+
+def batch_split(batch_size: int, grad_accum: int, world_size: int) -> BatchSplit:
+    """Split data.batch_size x train.grad_accum sequences per step over `world_size` ranks.
+
+    Each rank gets global / world_size sequences in micro-batches of the largest divisor of that count
+    that is at most batch_size (a rank's forward pass is never bigger than one process's). Raises
+    ValueError naming both settings when the global batch does not divide by the world size.
+    """
+    for name, v in (("data.batch_size", batch_size), ("train.grad_accum", grad_accum), ("world size", world_size)):
+        _positive_int(v, name)
+    total = batch_size * grad_accum
+    if total % world_size:
+        raise ValueError(
+            f"data.batch_size x train.grad_accum = {batch_size} x {grad_accum} = {total} sequences per step "
+            f"do not split evenly over {world_size} ranks; choose values whose product is a multiple of "
+            f"{world_size}"
+        )
+    per_rank = total // world_size
+    micro = max(d for d in range(1, min(batch_size, per_rank) + 1) if per_rank % d == 0)
+    return BatchSplit(total, world_size, per_rank, micro, per_rank // micro)
+
+
+def shard_val_batches(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Rank `rank`'s share of the validation windows as (x, y, rows) micro-batches.
+
+    The windows of all batches, in order, are cut into world_size contiguous slices of ceil(N / world)
+    (the last ones shorter, maybe empty) and each slice into micro-batches of at most the batch size.
+    Every rank gets the same number of micro-batches (FSDP runs a collective in every forward pass): a
+    rank with fewer windows gets filler micro-batches (one window, rows = 0) that the mean ignores.
+    """
+    if not batches:
+        return []
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    n, bs = x.shape[0], batches[0][0].shape[0]
+    per = math.ceil(n / world_size)
+    start, stop = min(rank * per, n), min((rank + 1) * per, n)
+    out = []
+    for k in range(math.ceil(per / bs)):
+        lo, hi = start + k * bs, min(start + (k + 1) * bs, stop)
+        if lo < hi:
+            out.append((x[lo:hi], y[lo:hi], hi - lo))
+        else:
+            out.append((x[:1], y[:1], 0))
+    return out

@@ -5,12 +5,17 @@ at log/eval/checkpoint steps, and on CPU (where a sync costs nothing) to decide 
 non-finite step. On CUDA the skip happens on the device: torch's fused AdamW takes a `found_inf` flag and
 leaves moments and step untouched when it is set, and a device-side counter of consecutive bad steps is
 read at the next log step.
+
+Under torchrun (several processes, `fastgrow.distributed`) every rank runs this loop on its slice of each
+global batch; only rank 0 writes metrics, the progress bar and the console, and checkpoints are written
+by all ranks together (`fastgrow.checkpoint_dcp`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,12 +24,13 @@ from typing import Any
 
 import torch
 
+from fastgrow import distributed
 from fastgrow.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint, step_dirs
 from fastgrow.config import ConfigError, RunConfig
 from fastgrow.errors import option_error
 from fastgrow.grow_event import GrowthContext, run_growth_event
 from fastgrow.interrupts import StopSignals
-from fastgrow.loader import BatchLoader, TokenData
+from fastgrow.loader import BatchLoader, TokenData, batch_split, shard_val_batches
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
 from fastgrow.optim import set_lr
@@ -32,7 +38,7 @@ from fastgrow.report import Reporter, check_reporting
 from fastgrow.resume import checkpoint_to_resume, rewind_metrics
 from fastgrow.runlock import RunLock
 from fastgrow.stages import check_stages
-from fastgrow.state import TrainState, build_state, resolve_device
+from fastgrow.state import TrainState, build_state
 
 
 class TrainingAborted(RuntimeError):
@@ -85,16 +91,14 @@ def _due_stage(state: TrainState, stage_tokens: list[int]) -> int | None:
     return k if k < len(stage_tokens) and state.tokens >= stage_tokens[k] else None
 
 
-def prepare_state(
-    cfg: RunConfig, resume: bool, device: torch.device, resume_from: str | None = None, echo: bool = True
-) -> TrainState:
-    out = Path(cfg.train.out_dir)
+def _checkpoint_to_resume(out: Path, resume: bool, resume_from: str | None, echo: bool) -> Path | None:
+    """The checkpoint a resume starts from (verified; never a silent fall back), or None for a fresh run
+    (then the run directory must hold no step folder). The metrics log is cut back to the checkpoint."""
     metrics = out / "metrics.jsonl"
     if resume or resume_from is not None:
-        ckpt = checkpoint_to_resume(out, resume_from, echo=echo)  # verified; never a silent fall back
-        state = load_checkpoint(ckpt, device, config=cfg, verify=False)
+        ckpt = checkpoint_to_resume(out, resume_from, echo=echo)
         rewind_metrics(metrics, ckpt)  # the steps after the checkpoint are logged again
-        return state
+        return ckpt
     existing = step_dirs(out)
     if existing:
         raise option_error(
@@ -108,7 +112,31 @@ def prepare_state(
         )
     if metrics.is_file():  # a run that died before its first checkpoint: keep its log, start a new one
         metrics.replace(metrics.with_name("metrics.jsonl.old"))
-    return build_state(cfg, device)
+    return None
+
+
+def prepare_state(
+    cfg: RunConfig,
+    resume: bool,
+    device: torch.device,
+    ctx: distributed.DistContext | None = None,
+    resume_from: str | None = None,
+    echo: bool = True,
+) -> TrainState:
+    out = Path(cfg.train.out_dir)
+    if ctx is None or not ctx.enabled:
+        ckpt = _checkpoint_to_resume(out, resume, resume_from, echo)
+        return build_state(cfg, device) if ckpt is None else load_checkpoint(ckpt, device, config=cfg, verify=False)
+    # torchrun: rank 0 reads the run directory, every rank starts from what it found.
+    from fastgrow.checkpoint_dcp import load_parallel_state
+
+    def find() -> Path | None:
+        return _checkpoint_to_resume(out, resume, resume_from, echo) if ctx.is_main else None
+
+    ckpt = ctx.broadcast(ctx.agree(find))
+    if ckpt is None:
+        return ctx.agree(lambda: distributed.build_parallel_state(cfg, ctx))
+    return load_parallel_state(ckpt, cfg, ctx)
 
 
 def evaluate(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: RunConfig) -> float:
@@ -138,17 +166,25 @@ def train(
     resume_from: resume from this checkpoint of train.out_dir (`step-N` or N) instead of the newest.
     until_step: stop (with a checkpoint) once this many steps are done, before train.max_steps; the
     schedule still follows max_steps, so a later `resume=True` call continues the same trajectory.
-    The run holds the lock of train.out_dir throughout (a second run on it is refused at once).
+    The run holds the lock of train.out_dir throughout (a second run on it is refused at once). Under
+    torchrun every rank calls this (see fastgrow.distributed); rank 0 holds the lock.
     """
     check_reporting(cfg)  # a missing tensorboard/wandb package fails now, not after the model is built
-    with RunLock(cfg.train.out_dir):
+    with distributed.session(cfg, device) as ctx:
+        data = ctx.agree(lambda: _open_run(cfg, ctx, echo and ctx.is_main))
+        state = prepare_state(cfg, resume, ctx.device, ctx, resume_from, echo and ctx.is_main)
+        runner = ctx.agree(lambda: _runner(cfg, ctx, state, data, echo and ctx.is_main, until_step))
+        return ctx.guarded(runner.run)
+
+
+def _open_run(cfg: RunConfig, ctx: distributed.DistContext, echo: bool) -> TokenData:
+    """The lock and the checks before any state is built (each rank; agreed on by all). The lock comes
+    first: a second run on the directory is refused before it reads anything."""
+    if ctx.is_main:
+        ctx.held.enter_context(RunLock(cfg.train.out_dir))
         clean_leftovers(cfg.train.out_dir)  # of writes/deletes killed in an earlier run
-        return _train(cfg, resume, resume_from, device, echo, until_step)
-
-
-def _train(cfg, resume, resume_from, device, echo, until_step) -> TrainResult:
-    dev = resolve_device(cfg.train.device) if device is None else torch.device(device)
-    data = TokenData.open(cfg.data.data_dir)
+    batch_split(cfg.data.batch_size, cfg.train.grad_accum, ctx.world_size)  # a clear error if it does not divide
+    data = TokenData.open(cfg.data.data_dir, share=(ctx.rank, ctx.world_size))  # ranks split the hashing
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}; "
@@ -161,7 +197,10 @@ def _train(cfg, resume, resume_from, device, echo, until_step) -> TrainResult:
             f"own validation split ({split['val_documents']} documents, {split['val_tokens']:,} tokens)",
             file=sys.stderr,
         )
-    state = prepare_state(cfg, resume, dev, resume_from, echo)
+    return data
+
+
+def _runner(cfg: RunConfig, ctx: distributed.DistContext, state: TrainState, data: TokenData, echo, until_step):
     # Every stage not yet done, checked against the live model now, not at its event.
     growth_at = check_stages(cfg, state.model.cfg, done=len(state.growth_history))
     tcfg = cfg.train
@@ -187,19 +226,35 @@ def _train(cfg, resume, resume_from, device, echo, until_step) -> TrainResult:
     )
     val_batches = val_loader.val_batches(tcfg.eval_batches)
     stop = tcfg.max_steps if until_step is None else min(until_step, tcfg.max_steps)
-    runner = _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop)
-    return runner.run()
+    return _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop, ctx)
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: they write nothing."""
+
+    records: int | None = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Runner:
     """The state of one `train()` call: the step function and the bookkeeping around it."""
 
-    def __init__(self, cfg, state, loader, val_batches, growth_at, out_dir, tokenizer, echo, stop) -> None:
+    def __init__(self, cfg, state, loader, val_batches, growth_at, out_dir, tokenizer, echo, stop, ctx) -> None:
         self.cfg = cfg
         self.stop = stop
         self.state = state
         self.loader = loader
-        self.val_batches = val_batches
+        self.ctx = ctx
+        self.split = batch_split(cfg.data.batch_size, cfg.train.grad_accum, ctx.world_size)
+        self.sync = distributed.StepSync(ctx)
+        self.stop_signal: StopSignals | None = None
+        # Under torchrun each rank evaluates its slice of the fixed validation windows.
+        self.val_batches = shard_val_batches(val_batches, ctx.rank, ctx.world_size) if ctx.enabled else val_batches
         self.growth_at = growth_at
         self.out_dir = out_dir
         self.tokenizer = tokenizer
@@ -207,6 +262,8 @@ class _Runner:
         self.records: list[dict[str, Any]] = []
         self.device = state.device
         self.peak = peak_flops(self.device)
+        if self.peak is not None:
+            self.peak *= ctx.world_size  # MFU against every rank's device (tokens/s counts all ranks)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
         self.log: MetricsLog | None = None
         self.ckpt_pending = False  # a checkpoint was due during a non-finite streak: write it after
@@ -219,28 +276,32 @@ class _Runner:
         self.flops_tok_6n = flops_per_token(mcfg, self.cfg.data.seq_len, include_attention=False)
         self.params = [p for p in self.state.model.parameters() if p.requires_grad]
         self.fused = bool(self.state.optimizer.defaults.get("fused"))
-        model = self.state.model
+        model = distributed.forward_module(self.state.model, self.ctx)  # DDP's wrapper, or the model
         self.forward = torch.compile(model) if self.cfg.train.compile else model
         self.state.model.train()
 
     # --- one optimizer step ----------------------------------------------------------------------------
     def step(self, consec_bad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, state = self.cfg, self.state
-        accum = cfg.train.grad_accum
         set_lr(state.optimizer, state.schedule.lr_at(state.step))
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            x, y = self.loader.next_batch()
+        # This rank's micro-batches of the global batch (one process: grad_accum batches of batch_size).
+        batches = self.loader.next_step(self.split, self.ctx.rank)
+        accum = len(batches)
+        for i, (x, y) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with _autocast(cfg, self.device):
-                loss = self.forward(x, y)
-            (loss / accum).backward()
+            with distributed.grad_sync(self.forward, self.ctx, sync=i == accum - 1):
+                with _autocast(cfg, self.device):
+                    loss = self.forward(x, y)
+                (loss / accum).backward()
             loss_sum += loss.detach().float()
-        loss_mean = loss_sum / accum
+        # The global mean loss on every rank (an all-reduce, which also carries the stop signals).
+        received = self.stop_signal.signum if self.stop_signal is not None else None
+        loss_mean = self.sync.reduce(loss_sum / accum, received)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         # Returns the pre-clip global norm (what we log); non-finite norms are handled below.
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=self.device.type == "cuda")
+        gnorm = distributed.clip_grad_norm(self.params, clip, foreach=self.device.type == "cuda")
         bad = ~(torch.isfinite(gnorm) & torch.isfinite(loss_mean))
         if self.fused:
             # Device-side skip: fused AdamW leaves exp_avg/exp_avg_sq/step untouched when found_inf is 1.
@@ -258,7 +319,7 @@ class _Runner:
     # --- the loop ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         tcfg = self.cfg.train
-        log = self.log = MetricsLog(self.out_dir / "metrics.jsonl")
+        log = self.log = MetricsLog(self.out_dir / "metrics.jsonl") if self.ctx.is_main else _NoLog()
         interrupted = False
         start_step = self.state.step
         latest = latest_checkpoint(self.out_dir)
@@ -273,9 +334,13 @@ class _Runner:
         window_start = time.perf_counter()
         paused = 0.0  # seconds of eval/checkpointing inside the current window, kept out of tokens/s
         last_norm = torch.zeros((), device=self.device)
-        self.report = Reporter(self.cfg, self.out_dir, initial_step=self.state.step, console=self.echo)
+        self.report = Reporter(
+            self.cfg, self.out_dir, initial_step=self.state.step, console=self.echo, enabled=self.ctx.is_main
+        )
         try:
+            stop_by: int | None = None  # the signal that stopped the run (under torchrun: any rank's)
             with StopSignals(self.echo) as stop_signal:
+                self.stop_signal = stop_signal
                 while self.state.step < self.stop:
                     due = _due_stage(self.state, self.growth_at)
                     if due is not None:
@@ -325,7 +390,8 @@ class _Runner:
                     if (tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0) or self.ckpt_pending:
                         last_ckpt = self._save(consec_bad) or last_ckpt
                     paused += time.perf_counter() - t_pause
-                    if stop_signal.hit:
+                    stop_by = self.sync.should_stop(stop_signal.signum)  # under torchrun: any rank's, agreed
+                    if stop_by is not None:
                         interrupted = True
                         break
                 finished = self.state.step >= tcfg.max_steps
@@ -345,13 +411,13 @@ class _Runner:
         if interrupted and self.echo:
             saved = last_ckpt is not None and last_ckpt.name == _ckpt_name(self.state.step)
             what = f"saved {last_ckpt}" if saved else f"not saved (non-finite steps); {self._last_good(last_ckpt)}"
-            print(f"{stop_signal.name}: {what}; resume with --resume", file=sys.stderr)
+            print(f"{signal.Signals(stop_by).name}: {what}; resume with --resume", file=sys.stderr)
         return TrainResult(
             state=self.state,
             records=self.records,
             checkpoint=last_ckpt,
             interrupted=interrupted,
-            stop_signal=stop_signal.signum,
+            stop_signal=stop_by,
         )
 
     # --- pieces -----------------------------------------------------------------------------------------
@@ -390,8 +456,15 @@ class _Runner:
         log.write(rec)
         self.report.record(rec)
 
+    def _val_loss(self, state: TrainState) -> float:
+        """Mean loss on the fixed validation batches (under torchrun: each rank its slice, all-reduced)."""
+        if self.ctx.enabled:
+            autocast = lambda: _autocast(self.cfg, self.device)
+            return distributed.sharded_mean_loss(state.model, self.val_batches, self.ctx, autocast)
+        return evaluate(state, self.val_batches, self.cfg)
+
     def _eval(self, log: MetricsLog) -> None:
-        val = evaluate(self.state, self.val_batches, self.cfg)
+        val = self._val_loss(self.state)
         self._emit(
             log,
             {
@@ -412,13 +485,15 @@ class _Runner:
             return None
         self.state.cursor = self.loader.state_dict()
         self.state.bad_steps = bad_steps
-        return save_checkpoint(
-            self.state,
-            self.out_dir,
-            keep=self.cfg.train.keep_ckpts,
-            tokenizer=self.tokenizer,
-            metrics_records=self.log.records if self.log is not None else None,
-        )
+        keep = self.cfg.train.keep_ckpts
+        records = self.log.records if self.log is not None else None
+        if self.ctx.enabled:
+            from fastgrow.checkpoint_dcp import save_run_checkpoint
+
+            return save_run_checkpoint(
+                self.state, self.out_dir, keep, tokenizer=self.tokenizer, ctx=self.ctx, metrics_records=records
+            )
+        return save_checkpoint(self.state, self.out_dir, keep=keep, tokenizer=self.tokenizer, metrics_records=records)
 
     def _last_good(self, last_ckpt: Path | None) -> str:
         good = last_ckpt or latest_checkpoint(self.out_dir)
@@ -436,7 +511,7 @@ class _Runner:
             cfg=self.cfg,
             stage=stage,
             loader=self.loader,
-            evaluate=lambda st: evaluate(st, self.val_batches, self.cfg),
+            evaluate=self._val_loss,
             device=self.device,
         )
         self.state, event = run_growth_event(before, ctx)

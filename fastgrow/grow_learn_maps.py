@@ -62,6 +62,7 @@ __all__ = [
     "expansion_flops",
     "head_level",
     "map_moments",
+    "map_params",
 ]
 
 DEPTH_KINDS = ("attn_norm", "q", "k", "v", "wo", "mlp_norm", "gate", "up", "w2")
@@ -255,6 +256,17 @@ def expand_tensors(
             out[f"layers.{i}.{suffix}"] = ti
     assert HK * hd == axis_sizes(dst)["kv"]
     return out
+
+
+def map_params(src: ModelConfig, dst: ModelConfig) -> int:
+    """Number of learned parameters of `GrowthMaps` between these configs (without building them)."""
+    old, new = axis_sizes(src), axis_sizes(dst)
+    heads = {"q": (src.n_heads, dst.n_heads), "kv": (src.n_kv_heads, dst.n_kv_heads)}
+    n = len(DEPTH_KINDS) * dst.n_layers * src.n_layers
+    for axis, _ in AXIS_SIDES:
+        o, w = heads.get(axis, (old[axis], new[axis]))
+        n += o * w
+    return n
 
 
 def expansion_flops(src: ModelConfig, dst: ModelConfig) -> tuple[float, float]:

@@ -26,6 +26,7 @@ from fastgrow.grow_learn_maps import (
     expansion_flops,
     head_level,
     map_moments,
+    map_params,
 )
 from fastgrow.model import flops_per_token
 
@@ -186,6 +187,7 @@ def test_expansion_flops_match_torch_flop_counter(state, plan):
         out = maps.expand(_small(state))
     f, b = expansion_flops(r.src, r.dst)
     assert fwd.get_total_flops() == f
+    assert map_params(r.src, r.dst) == sum(p.numel() for p in maps.parameters())
     loss = sum((t * t).sum() for t in out.values())
     with FlopCounterMode(display=False) as bwd:
         loss.backward()

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastgrow import __version__
-from fastgrow.config import ConfigError, ModelConfig, RunConfig
+from fastgrow.config import ConfigError, ModelConfig, RunConfig, growth_from_legacy
 from fastgrow.fsutil import fsync_dir, fsync_file, sha256_file, write_json_durable
 from fastgrow.model import Transformer
 from fastgrow.optim import LRSchedule, build_optimizer
@@ -256,8 +256,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
-    """`section.key: checkpoint X vs now Y` for every field that differs and may not change on resume."""
-    now = current.to_dict()
+    """`section.key: checkpoint X vs now Y` for every field that differs and may not change on resume
+    (growth stages as `growth[N].key`; an older checkpoint's single [growth] table is read as its stage)."""
+    now = _stages_as_sections(current.to_dict())
+    saved = _stages_as_sections({**saved, "growth": _saved_stages(saved)})
     diffs = []
     for section in sorted(set(saved) | set(now)):
         a, b = saved.get(section, {}), now.get(section, {})
@@ -268,6 +270,23 @@ def config_differences(saved: dict[str, Any], current: RunConfig) -> list[str]:
             if a.get(key) != b.get(key):
                 diffs.append(f"{name}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
     return diffs
+
+
+def _saved_stages(saved_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The growth stages of a checkpoint's run config (a list; older checkpoints hold one table)."""
+    g = saved_cfg.get("growth", [])
+    try:  # normalised: every field present, as RunConfig.to_dict writes them now
+        return RunConfig.from_dict({"growth": g}).to_dict()["growth"]
+    except ConfigError:  # let the comparison name what differs
+        return growth_from_legacy(g) if isinstance(g, dict) else list(g)
+
+
+def _stages_as_sections(d: dict[str, Any]) -> dict[str, Any]:
+    """growth: [s0, s1] -> sections "growth[0]", "growth[1]" (so differences name the stage)."""
+    out = {k: v for k, v in d.items() if k != "growth"}
+    for i, stage in enumerate(d.get("growth", [])):
+        out[f"growth[{i}]"] = stage
+    return out
 
 
 def load_checkpoint(
@@ -289,7 +308,7 @@ def load_checkpoint(
     saved_cfg = meta["config"]
     if config is not None:
         diffs = config_differences(saved_cfg, config)
-        auto = saved_cfg.get("growth", {}).get("at_tokens") == "auto"
+        auto = any(g.get("at_tokens") == "auto" for g in _saved_stages(saved_cfg))
         if auto and not meta["growth_history"] and saved_cfg["train"]["max_steps"] != config.train.max_steps:
             # "auto" growth timing is computed from the run's token budget: it would move.
             diffs.append(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -40,8 +41,16 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
+from fastgrow.errors import ConfigError
+from fastgrow.growth_config import (  # noqa: F401  (re-exported: the run config's growth stages)
+    DEFAULT_FACTOR,
+    GROWTH_OPS,
+    OPTIMIZER_POLICIES,
+    SCHEDULE_POLICIES,
+    WIDTH_OPS,
+    GrowthConfig,
+    growth_from_legacy,
+)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -198,76 +207,86 @@ class TrainConfig:
         _check(self.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
 
-@dataclass(frozen=True)
-class GrowthConfig:
-    """A growth event inside a run (see fastgrow/grow.py). Disabled unless `at_tokens` is set.
+def _stage_error(i: int, e: ConfigError) -> ConfigError:
+    """Name the stage in a GrowthConfig message: `growth.factor ...` -> `growth[1].factor ...`."""
+    return ConfigError(re.sub(r"\bgrowth\.", f"growth[{i}].", str(e)))
 
-    at_tokens: 0 = no growth; an integer token count; or "auto" (the planner's Eq. 10 timing).
-    """
 
-    at_tokens: int | str = 0
-    op: str = "stack"  # stack | interpolate | partial | sources | zero | random | width
-    factor: int = 4
-    target_layers: int = 0  # 0: base layers * factor
-    spec: str = ""  # partial stacking spec, e.g. "12-3456*5-56", or a comma list of 1-based sources
-    noise: float = 0.0
-    # width growth targets (0 = unchanged)
-    target_dim: int = 0
-    target_ffn_dim: int = 0
-    target_heads: int = 0
-    width_op: str = "direct"  # direct | zero | random
-    optimizer: str = "copy"  # copy | reset
-    schedule: str = "continue"  # continue | rewarm | restart
-    rewarm_steps: int = 0
-
-    def __post_init__(self) -> None:
-        _check(
-            (isinstance(self.at_tokens, int) and self.at_tokens >= 0) or self.at_tokens == "auto",
-            f'growth.at_tokens must be a non-negative integer or "auto", got {self.at_tokens!r}',
-        )
-        _check(self.factor >= 1, f"growth.factor must be >= 1, got {self.factor}")
-        _check(0 <= self.noise < 1, f"growth.noise must be in [0, 1), got {self.noise}")
-        _check(
-            self.optimizer in ("copy", "reset"),
-            f"growth.optimizer must be copy|reset, got {self.optimizer!r}",
-        )
-        _check(
-            self.schedule in ("continue", "rewarm", "restart"),
-            f"growth.schedule must be continue|rewarm|restart, got {self.schedule!r}",
-        )
-        _check(self.rewarm_steps >= 0, f"growth.rewarm_steps must be >= 0, got {self.rewarm_steps}")
-        _check(
-            self.schedule != "rewarm" or self.rewarm_steps >= 1,
-            'growth.schedule = "rewarm" needs growth.rewarm_steps >= 1',
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.at_tokens != 0
+def _build_stages(values: Any) -> tuple[GrowthConfig, ...]:
+    if isinstance(values, dict):
+        values = growth_from_legacy(values)
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"config section growth must be a list of stage tables, got {type(values).__name__}")
+    stages = []
+    for i, v in enumerate(values):
+        if isinstance(v, GrowthConfig):
+            stages.append(v)
+            continue
+        if not isinstance(v, dict):
+            raise ConfigError(f"growth[{i}] must be a table, got {type(v).__name__}")
+        try:
+            stages.append(_build(GrowthConfig, v, "growth"))
+        except ConfigError as e:
+            raise _stage_error(i, e) from None
+    return tuple(stages)
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """model is the base the run starts from; growth its stages, in increasing token order (empty: no
+    growth). Stage N is resolved against the model stage N-1 produced (fastgrow.stages checks the chain
+    at the start of a run)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    growth: tuple[GrowthConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        stages = self.growth
+        if isinstance(stages, GrowthConfig):
+            stages = (stages,)
+        if isinstance(stages, list):
+            stages = tuple(stages)
+        _check(
+            isinstance(stages, tuple) and all(isinstance(g, GrowthConfig) for g in stages),
+            f"RunConfig.growth must be a tuple of GrowthConfig stages, got {type(self.growth).__name__}",
+        )
+        object.__setattr__(self, "growth", stages)
+        if len(stages) > 1:
+            for i, g in enumerate(stages):
+                _check(
+                    g.at_tokens != "auto",
+                    f'growth[{i}].at_tokens: "auto" (Eq. 10) times one growth event; give token counts for '
+                    "a run of several stages (`fastgrow plan --stages` computes them)",
+                )
+            for i in range(1, len(stages)):
+                prev, cur = stages[i - 1].at_tokens, stages[i].at_tokens
+                _check(
+                    cur > prev,
+                    f"growth[{i}].at_tokens ({cur:,}) must be greater than growth[{i - 1}].at_tokens ({prev:,}): "
+                    "stages grow in increasing token order",
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["growth"] = [dataclasses.asdict(g) for g in self.growth]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Inverse of to_dict. `growth` is a list of stage tables; a single table (an older fastgrow's
+        [growth], as in old checkpoints) is read as one stage, or none if its at_tokens is 0."""
         unknown = set(d) - {f.name for f in fields(cls)}
         _check(not unknown, f"unknown config section(s): {sorted(unknown)}")
         return cls(
             model=_build(ModelConfig, d.get("model", {}), "model"),
             data=_build(DataConfig, d.get("data", {}), "data"),
             train=_build(TrainConfig, d.get("train", {}), "train"),
-            growth=_build(GrowthConfig, d.get("growth", {}), "growth"),
+            growth=_build_stages(d.get("growth", [])),
         )
 
 
@@ -286,8 +305,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Convert a TOML/CLI value to the field's type; raise ConfigError naming the field."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
         errors = []
-        for arg in typing.get_args(hint):
+        for arg in args:
+            if arg is type(None):
+                continue
             try:
                 return _coerce(value, arg, name)
             except ConfigError as e:
@@ -410,7 +434,6 @@ def preset(name: str) -> RunConfig:
         model=base.model,
         data=replace(base.data, **extra.get("data", {})),
         train=replace(base.train, **extra.get("train", {})),
-        growth=base.growth,
     )
 
 
@@ -423,8 +446,14 @@ def _parse_override_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `section.key=value` overrides (leading dashes allowed) and revalidate."""
+    """Apply `section.key=value` overrides (leading dashes allowed) and revalidate.
+
+    Growth stages: `growth.KEY=V` sets KEY of the single stage (creating stage 0 if the run has none; an
+    error if it has several), `growth.N.KEY=V` sets KEY of stage N (0-based; N = the number of stages
+    appends a new one).
+    """
     d = cfg.to_dict()
+    known_growth = {f.name for f in fields(GrowthConfig)}
     for item in overrides:
         s = item.lstrip("-")
         if "=" not in s or "." not in s.split("=", 1)[0]:
@@ -433,14 +462,49 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         section, _, name = key.partition(".")
         if section not in d:
             raise ConfigError(f"override {item!r}: unknown section {section!r} (known: {sorted(d)})")
+        if section == "growth":
+            stage, name = _override_stage(item, d["growth"], name)
+            if name not in known_growth:
+                raise ConfigError(
+                    f"override {item!r}: unknown key {name!r} in [growth] (known: {sorted(known_growth)})"
+                )
+            stage[name] = _parse_override_value(value)
+            continue
         if name not in d[section]:
             raise ConfigError(f"override {item!r}: unknown key {name!r} in [{section}] (known: {sorted(d[section])})")
         d[section][name] = _parse_override_value(value)
     return RunConfig.from_dict(d)
 
 
+def _override_stage(item: str, stages: list[dict[str, Any]], name: str) -> tuple[dict[str, Any], str]:
+    """The stage dict a growth override addresses (appending one where it asks for a new stage)."""
+    index, sep, rest = name.partition(".")
+    if sep and index.isdigit():
+        n = int(index)
+        if n > len(stages):
+            raise ConfigError(
+                f"override {item!r}: the run has {len(stages)} growth stage(s); address growth.0 .. "
+                f"growth.{len(stages)} (growth.{len(stages)} appends a stage)"
+            )
+        if n == len(stages):
+            stages.append({})
+        return stages[n], rest
+    if len(stages) > 1:
+        raise ConfigError(
+            f"override {item!r}: the run has {len(stages)} growth stages; address one as --growth.N.{name}=... "
+            f"(N = 0 .. {len(stages) - 1})"
+        )
+    if not stages:
+        stages.append({})
+    return stages[0], name
+
+
 def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    """Read a TOML config. A top-level `preset = "name"` starts from that preset; sections override it."""
+    """Read a TOML config. A top-level `preset = "name"` starts from that preset; sections override it.
+
+    Growth: a `[growth]` table is one stage, an array of tables `[[growth]]` several (in increasing
+    at_tokens order); either replaces the base's stages.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -455,10 +519,25 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     for section, values in raw.items():
         if section not in d:
             raise ConfigError(f"{p}: unknown config section [{section}] (known: {sorted(d)})")
+        if section == "growth":
+            d["growth"] = _toml_stages(p, values)
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: [{section}] must be a table")
         for k, v in values.items():
             if k not in d[section]:
                 raise ConfigError(f"{p}: unknown key {k!r} in [{section}] (known: {sorted(d[section])})")
             d[section][k] = v
-    return RunConfig.from_dict(d)
+    try:
+        return RunConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def _toml_stages(p: Path, values: Any) -> list[dict[str, Any]]:
+    if isinstance(values, dict):
+        # `[growth]` with at_tokens = 0: the older way to say "no growth".
+        return [] if values.get("at_tokens", None) == 0 else [values]
+    if isinstance(values, list) and all(isinstance(v, dict) for v in values):
+        return values
+    raise ConfigError(f"{p}: growth must be a [growth] table or [[growth]] tables")

@@ -34,7 +34,7 @@ def demo_config(out_dir: str, data_dir: str, steps: int, grow: bool) -> RunConfi
     if grow:
         tokens_per_step = d["data"]["batch_size"] * d["data"]["seq_len"]
         # Grow after 30% of the steps: the base has learned the easy statistics by then.
-        d["growth"].update(at_tokens=int(0.3 * steps) * tokens_per_step, op="stack", factor=4)
+        d["growth"] = [{"at_tokens": int(0.3 * steps) * tokens_per_step, "op": "stack", "factor": 4}]
     return RunConfig.from_dict(d)
 
 

@@ -30,27 +30,48 @@ width (see fastgrow.grow_width): direct | zero | random over dim (more heads, he
 
 Moments: a copied layer carries its exp_avg / exp_avg_sq / step; width `direct` scales them by the
 gradient scale s and s^2 (grow_width); new blocks and new width entries start at zero moments with the
-common step. Random draws use a torch.Generator on the device seeded from (run seed, step), so a growth
-is reproducible and leaves the global RNG alone.
+common step. Random draws use a torch.Generator on the device seeded from (run seed, step, stage), so a
+growth is reproducible and leaves the global RNG alone.
 
-Policies: optimizer copy | reset (a fresh AdamW, step 0, as the paper's code); schedule continue |
-rewarm (LRSchedule.rewarm_start = step, rewarm_steps) | restart (LRSchedule.offset = step: warmup and
-decay start over from the growth step).
+Policies: optimizer copy | reset (a fresh AdamW, step 0). Schedule (fastgrow.optim.LRSchedule):
+    continue  the run's schedule goes on unchanged
+    rewarm    the same schedule, times a linear ramp over rewarm_steps from the growth step
+    restart   the grown phase gets its own schedule from the growth step (prts's recipe: a fresh warmup
+              and cosine): peak `lr`, `min_lr`, `warmup_steps`, decay over `horizon_steps` (each
+              defaulting to the current schedule's; min_lr keeps its ratio to a new peak; the horizon
+              to the end of the run), then min_lr
+    jump      the schedule moves to step `jump_to_step` of the target's schedule, which ends with the
+              run (Staged Training: the step of a from-scratch target run at the same loss), with an
+              optional linear re-warm over rewarm_steps and an optional new peak `lr` / `min_lr`
+
+Adding an operator: a depth operator joins `fastgrow.grow_depth.DEPTH_SOURCES` (which layer each new
+layer comes from) and `fastgrow.growth_config.OP_FIELDS` (which config fields it reads); an operator
+that computes the grown weights itself (e.g. learned maps) passes `weights=` to grow(), which still
+allocates the target, builds the optimizer, carries or resets the moments, sets the schedule and writes
+the record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastgrow.config import GrowthConfig, ModelConfig, RunConfig
-from fastgrow.grow_depth import NEW_BLOCK, connection_rate, depth_sources, parse_spec, stack_sources
-from fastgrow.grow_width import WIDTH_OPS, WidthMap, check_direct
+from fastgrow.config import (
+    DEFAULT_FACTOR,
+    OPTIMIZER_POLICIES,
+    SCHEDULE_POLICIES,
+    WIDTH_OPS,
+    GrowthConfig,
+    ModelConfig,
+)
+from fastgrow.grow_depth import DEPTH_SOURCES, NEW_BLOCK, connection_rate, depth_sources, parse_spec, stack_sources
+from fastgrow.grow_width import WidthMap, check_direct
+from fastgrow.growth_config import unused_field
 from fastgrow.model import Transformer, flops_per_token
 from fastgrow.optim import LRSchedule, build_optimizer
 from fastgrow.state import TrainState
@@ -62,17 +83,14 @@ __all__ = [
     "apply_growth",
     "connection_rate",
     "grow",
-    "grow_checkpoint",
-    "growth_at_tokens",
     "parse_spec",
     "plan_from_config",
     "resolve_plan",
     "stack_sources",
 ]
 
-DEPTH_OPS = ("none", "stack", "interpolate", "partial", "sources", "zero", "random")
-OPTIMIZER_POLICIES = ("copy", "reset")
-SCHEDULE_POLICIES = ("continue", "rewarm", "restart")
+# "none": no depth change (width growth only); the rest are fastgrow.grow_depth's operators.
+DEPTH_OPS = ("none", *DEPTH_SOURCES)
 BLOCK_PARAMS = (
     "attn_norm.weight",
     "attn.wqkv.weight",
@@ -86,12 +104,15 @@ ADAM_KEYS = {"step", "exp_avg", "exp_avg_sq"}
 
 @dataclass(frozen=True)
 class GrowPlan:
-    """One growth event. Zero/empty fields mean "unchanged" / "not used".
+    """One growth event. Zero/empty/None fields mean "unchanged" / "not used"; a field the operator,
+    width op or schedule policy does not read must stay unset (ValueError otherwise, as in [growth]).
 
-    depth: one of DEPTH_OPS; factor / target_layers: the target depth (target_layers wins); spec: the
-    stacking notation for partial/sources (or a placement for zero/random); noise: a in [0, 1).
+    depth: one of DEPTH_OPS; factor / target_layers: the target depth (one of them); spec: the stacking
+    notation for partial/sources (or a placement for zero/random); noise: a in [0, 1).
     width: direct | zero | random, applied when target_dim / target_ffn_dim / target_heads grow.
-    seed: the random operators' seed (None: the run's train.seed); the step is mixed in by grow().
+    optimizer: copy | reset; schedule: continue | rewarm | restart | jump with rewarm_steps, lr, min_lr,
+    warmup_steps, horizon_steps, jump_to_step as in the module doc.
+    seed: the random operators' seed (None: the run's train.seed); step and stage are mixed in by grow().
     """
 
     depth: str = "stack"
@@ -106,6 +127,11 @@ class GrowPlan:
     optimizer: str = "copy"
     schedule: str = "continue"
     rewarm_steps: int = 0
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    horizon_steps: int | None = None
+    jump_to_step: int | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -113,14 +139,7 @@ class GrowPlan:
             raise ValueError(f"unknown depth op {self.depth!r} (one of {DEPTH_OPS})")
         if self.width not in WIDTH_OPS:
             raise ValueError(f"unknown width op {self.width!r} (one of {WIDTH_OPS})")
-        for name in (
-            "factor",
-            "target_layers",
-            "target_dim",
-            "target_ffn_dim",
-            "target_heads",
-            "rewarm_steps",
-        ):
+        for name in ("factor", "target_layers", "target_dim", "target_ffn_dim", "target_heads", "rewarm_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"grow plan {name} must be a non-negative integer, got {v!r}")
@@ -130,11 +149,37 @@ class GrowPlan:
             raise ValueError(f"grow plan optimizer must be one of {OPTIMIZER_POLICIES}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULE_POLICIES:
             raise ValueError(f"grow plan schedule must be one of {SCHEDULE_POLICIES}, got {self.schedule!r}")
+        # The same strict-settings table as [growth] (fastgrow.growth_config), in the plan's names.
+        plan_fields = [f for f in dataclasses.fields(self) if f.name != "seed"]  # seed: always read
+        values = {_CONFIG_NAME.get(f.name, f.name): getattr(self, f.name) for f in plan_fields}
+        defaults = {_CONFIG_NAME.get(f.name, f.name): f.default for f in plan_fields}
+        widens = bool(self.target_dim or self.target_ffn_dim or self.target_heads)
+        bad = unused_field("width" if self.depth == "none" else self.depth, self.schedule, widens, values, defaults)
+        if bad is not None:
+            name = _PLAN_NAME.get(bad[0], bad[0])
+            raise ValueError(f"grow plan {name} = {getattr(self, name)!r} is not used: {bad[1]}")
+        if self.factor and self.target_layers:
+            raise ValueError(f"grow plan factor ({self.factor}) and target_layers ({self.target_layers}): give one")
         if self.schedule == "rewarm" and self.rewarm_steps < 1:
             raise ValueError("grow plan schedule 'rewarm' needs rewarm_steps >= 1")
+        if self.schedule == "jump" and (self.jump_to_step is None or self.jump_to_step < 0):
+            raise ValueError("grow plan schedule 'jump' needs jump_to_step >= 0")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"grow plan lr must be > 0, got {self.lr!r}")
+        if self.min_lr is not None and not self.min_lr >= 0:
+            raise ValueError(f"grow plan min_lr must be >= 0, got {self.min_lr!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"grow plan warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.horizon_steps is not None and self.horizon_steps < 1:
+            raise ValueError(f"grow plan horizon_steps must be >= 1, got {self.horizon_steps!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# GrowPlan field -> GrowthConfig field, where the names differ.
+_CONFIG_NAME = {"depth": "op", "width": "width_op"}
+_PLAN_NAME = {v: k for k, v in _CONFIG_NAME.items()}
 
 
 @dataclass(frozen=True)
@@ -184,8 +229,6 @@ def resolve_plan(plan: GrowPlan, cfg: ModelConfig) -> ResolvedPlan:
         raise ValueError(f"expected a GrowPlan, got {type(plan).__name__}")
     L = cfg.n_layers
     if plan.depth == "none":
-        if plan.spec or plan.factor > 1 or plan.target_layers not in (0, L):
-            raise ValueError("depth op 'none' takes no spec, factor or target_layers")
         sources = list(range(L))
     else:
         sources = depth_sources(plan.depth, L, plan.target_layers, plan.factor, plan.spec)
@@ -255,7 +298,8 @@ def _source_name(name: str, sources: list[int]) -> str | None:
 
 def _seed(state: TrainState, plan: GrowPlan) -> int:
     base = plan.seed if plan.seed is not None else state.config.train.seed
-    return (int(base) * 1_000_003 + int(state.step) + 1) % (2**63 - 1)
+    stage = len(state.growth_history)  # two stages at one step draw differently; stage 0 as before
+    return (int(base) * 1_000_003 + int(state.step) + 1 + stage * 7_919) % (2**63 - 1)
 
 
 def _init_new_block_param(p: torch.Tensor, name: str, op: str, std: float, gen: torch.Generator | None) -> None:
@@ -279,16 +323,25 @@ def _check_optimizer(state: TrainState) -> None:
         raise ValueError("the optimizer holds parameters that are not the model's")
 
 
+# A function that writes every grown parameter: weights(new_params, old_params, resolved, generator).
+WeightsFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], ResolvedPlan, "torch.Generator | None"], None]
+
+
 @torch.no_grad()
-def grow(state: TrainState, plan: GrowPlan) -> TrainState:
+def grow(state: TrainState, plan: GrowPlan, *, weights: WeightsFn | None = None) -> TrainState:
     """Return a new TrainState with the grown model, optimizer and schedule (see the module doc).
 
     The plan is resolved against the live architecture `state.model.cfg`; `state.config` (the run's
     config as launched) is carried unchanged. The input state is not modified. Validation (plan,
     sizes, optimizer state) happens before anything is allocated.
+
+    weights: an operator that computes the grown weights itself writes every new parameter through
+    it (called with a device generator seeded as below); with optimizer "copy" the moments are still
+    carried by the plan's mapping (sources and width op).
     """
     r = resolve_plan(plan, state.model.cfg)
     _check_optimizer(state)
+    schedule = _grown_schedule(state, plan)
     old_model = state.model
     dev = state.device
     dtype = old_model.tok_embeddings.weight.dtype
@@ -311,7 +364,12 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     if not old_model.training:  # modules are built in training mode
         new_model.eval()
 
-    needs_rng = plan.noise > 0 or NEW_BLOCK in r.sources or (plan.width == "random" and not r.width.identity)
+    needs_rng = (
+        weights is not None
+        or plan.noise > 0
+        or NEW_BLOCK in r.sources
+        or (plan.width in ("zero", "random") and not r.width.identity)
+    )
     gen = None
     if needs_rng:
         gen = torch.Generator(device=dev)
@@ -322,15 +380,18 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     src_of = {name: _source_name(name, r.sources) for name in new_params}
     copier = _Copier()
     width = r.width
-    for name, p in new_params.items():
-        src_name = src_of[name]
-        if src_name is None:
-            _init_new_block_param(p, name, plan.depth, new_model.init_std(name), gen)
-        elif width.identity:
-            copier.add(p, old_params[src_name])
-        else:
-            width.fill(p, old_params[src_name], name, "param", new_model.init_std(name), gen)
-    copier.flush()
+    if weights is not None:
+        weights(new_params, old_params, r, gen)
+    else:
+        for name, p in new_params.items():
+            src_name = src_of[name]
+            if src_name is None:
+                _init_new_block_param(p, name, plan.depth, new_model.init_std(name), gen)
+            elif width.identity:
+                copier.add(p, old_params[src_name])
+            else:
+                width.fill(p, old_params[src_name], name, "param", new_model.init_std(name), gen)
+        copier.flush()
     if plan.noise > 0:
         a = float(plan.noise)
         for name, p in new_params.items():
@@ -346,18 +407,11 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     if plan.optimizer == "copy":
         _carry_moments(state, old_params, new_params, src_of, width, optimizer, copier)
 
-    schedule = LRSchedule.from_state_dict(state.schedule.state_dict())
-    if plan.schedule == "rewarm":
-        schedule.rewarm_start = state.step
-        schedule.rewarm_steps = plan.rewarm_steps
-    elif plan.schedule == "restart":
-        schedule.offset = state.step
-        schedule.rewarm_start, schedule.rewarm_steps = -1, 0
-
     record = {
         "op": plan.depth,
         "width_op": plan.width if not width.identity else None,
         "spec": plan.to_dict(),
+        "stage": len(state.growth_history),
         "sources": list(r.sources),
         "connection_rate": connection_rate(r.sources) if len(r.sources) > 1 else None,
         # FLOPs per token of the model before growth, so FLOPs-so-far counts each phase at its own size
@@ -377,8 +431,8 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
     }
     return dataclasses.replace(
         state,
-        # state.config stays the run's config as launched (its [model] is the base, its [growth] the
-        # event): a resume compares against it. The live architecture is model.cfg (what checkpoints
+        # state.config stays the run's config as launched (its [model] is the base, its growth the
+        # stages): a resume compares against it. The live architecture is model.cfg (what checkpoints
         # store as model_config).
         config=state.config,
         model=new_model,
@@ -387,6 +441,36 @@ def grow(state: TrainState, plan: GrowPlan) -> TrainState:
         cursor=dict(state.cursor),
         growth_history=[*state.growth_history, record],
     )
+
+
+def _grown_schedule(state: TrainState, plan: GrowPlan) -> LRSchedule:
+    """The LR schedule after growth (policies in the module doc); ValueError for an impossible one."""
+    sched = LRSchedule.from_state_dict(state.schedule.state_dict())
+    step = int(state.step)
+    if plan.schedule == "rewarm":
+        sched.rewarm_start, sched.rewarm_steps = step, plan.rewarm_steps
+        return sched
+    if plan.schedule not in ("restart", "jump"):
+        return sched
+    peak = plan.lr if plan.lr is not None else sched.peak_lr
+    if plan.min_lr is not None:
+        min_lr = plan.min_lr
+    else:  # keep the ratio min_lr / peak of the current schedule
+        min_lr = sched.min_lr * peak / sched.peak_lr if sched.peak_lr > 0 else sched.min_lr
+    if min_lr > peak:
+        raise ValueError(f"grow plan min_lr ({min_lr:g}) exceeds the grown phase's peak lr ({peak:g})")
+    sched.peak_lr, sched.min_lr = peak, min_lr
+    if plan.schedule == "restart":
+        sched.offset = step
+        if plan.warmup_steps is not None:
+            sched.warmup_steps = plan.warmup_steps
+        sched.horizon = plan.horizon_steps or 0
+        sched.rewarm_start, sched.rewarm_steps = -1, 0
+    else:  # jump: position jump_to_step at this step; the target's schedule ends with the run
+        sched.offset = step - int(plan.jump_to_step)
+        sched.horizon = 0
+        sched.rewarm_start, sched.rewarm_steps = (step, plan.rewarm_steps) if plan.rewarm_steps else (-1, 0)
+    return sched
 
 
 def _carry_moments(
@@ -430,88 +514,42 @@ def _carry_moments(
 
 
 def plan_from_config(growth: GrowthConfig, model: ModelConfig) -> GrowPlan:
-    """The GrowPlan a run's [growth] section describes, for the model the run is training now.
+    """The GrowPlan a growth stage describes, for the model the run is training at that stage.
 
-    growth.op: stack | interpolate | partial | sources | zero | random (depth, plus width targets if
-    any are set) or width (width only, growth.width_op). target_layers = 0 means layers * factor.
+    growth.op: a depth operator (plus width targets if any are set) or width (width only). The depth
+    operators that take a factor use the paper's g = 4 when neither factor nor target_layers is set.
     """
     op = growth.op
     if op == "width":
-        depth, factor, target = "none", 0, 0
+        depth, factor = "none", 0
     elif op in DEPTH_OPS and op != "none":
-        depth, factor, target = op, growth.factor, growth.target_layers
+        depth, factor = op, growth.factor
+        if op in ("stack", "interpolate", "zero", "random") and not (factor or growth.target_layers or growth.spec):
+            factor = DEFAULT_FACTOR
     else:
         raise ValueError(f"growth.op must be one of {[*DEPTH_OPS[1:], 'width']}, got {op!r}")
-    if depth in ("partial", "sources"):
-        factor = 0  # the spec alone sets the depth
     return GrowPlan(
         depth=depth,
         factor=factor,
-        target_layers=target,
+        target_layers=growth.target_layers,
         spec=growth.spec,
         noise=growth.noise,
-        width=growth.width_op,
+        width=growth.width_op or "direct",
         target_dim=growth.target_dim,
         target_ffn_dim=growth.target_ffn_dim,
         target_heads=growth.target_heads,
         optimizer=growth.optimizer,
         schedule=growth.schedule,
         rewarm_steps=growth.rewarm_steps,
+        lr=growth.lr,
+        min_lr=growth.min_lr,
+        warmup_steps=growth.warmup_steps,
+        horizon_steps=growth.horizon_steps,
+        jump_to_step=growth.jump_to_step,
     )
 
 
 def apply_growth(state: TrainState, growth_cfg: GrowthConfig) -> TrainState:
-    """What the trainer calls at the growth event: plan_from_config + grow on the live state."""
+    """plan_from_config + grow on the live state (what the trainer's growth event does for the
+    built-in operators; see fastgrow.grow_event)."""
     return grow(state, plan_from_config(growth_cfg, state.model.cfg))
-
-
-def growth_at_tokens(run: RunConfig) -> int:
-    """Token count at which the run grows (0: never). "auto" uses the planner's Eq. 10 for the target
-    this run grows into, clamped to half the run's token budget (see fastgrow.plan)."""
-    g = run.growth
-    if not g.enabled:
-        return 0
-    if g.at_tokens != "auto":
-        return int(g.at_tokens)
-    from fastgrow.plan import auto_growth_tokens
-
-    return auto_growth_tokens(run)
-
-
-def grow_checkpoint(
-    in_path: str | Path,
-    out_path: str | Path,
-    plan: GrowPlan,
-    device: str | torch.device = "cpu",
-    keep: int = 2,
-) -> Path:
-    """Grow a checkpoint on disk: load_checkpoint -> grow() (the same function a run uses) -> save.
-
-    in_path: a step directory or a run directory (its newest complete checkpoint); out_path: the run
-    directory to write `step-N` into. The output carries the input's RNG state, data cursor, step and
-    schedule, so `fastgrow train --resume` on it continues exactly as a run that grew at that step
-    would. The caller's global RNG state is left as it was. Returns the written step directory.
-    """
-    from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-
-    src = resolve_checkpoint(in_path)
-    out = Path(out_path)
-    if out.resolve() == src.parent.resolve():
-        # save_checkpoint would replace the source's own step-N directory.
-        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
-    existing = latest_checkpoint(out)
-    if existing is not None:
-        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
-        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
-        state = load_checkpoint(src, device, restore_rng=True)
-        grown = grow(state, plan)
-        tok = src / "tokenizer.json"
-        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)

@@ -1,4 +1,5 @@
-"""The `fastgrow plan` and `fastgrow grow` subcommands (wired into fastgrow.cli by `add_growth_commands`).
+"""The `fastgrow plan` and `fastgrow grow` subcommands (wired into fastgrow.cli by `add_growth_commands`),
+and offline growth of a checkpoint on disk (`grow_checkpoint`, what `fastgrow grow` runs).
 
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
@@ -8,9 +9,53 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from fastgrow.grow import DEPTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, GrowPlan
-from fastgrow.grow_width import WIDTH_OPS
+import torch
+
+from fastgrow.config import OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS
+from fastgrow.grow import DEPTH_OPS, GrowPlan, grow
+
+
+def grow_checkpoint(
+    in_path: str | Path,
+    out_path: str | Path,
+    plan: GrowPlan,
+    device: str | torch.device = "cpu",
+    keep: int = 2,
+) -> Path:
+    """Grow a checkpoint on disk: load_checkpoint -> grow() (the same function a run uses) -> save.
+
+    in_path: a step directory or a run directory (its newest complete checkpoint); out_path: the run
+    directory to write `step-N` into. The output carries the input's RNG state, data cursor, step and
+    schedule, so `fastgrow train --resume` on it continues exactly as a run that grew at that step
+    would (the growth counts as the next stage of the run's growth list). The caller's global RNG state
+    is left as it was. Returns the written step directory.
+    """
+    from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+
+    src = resolve_checkpoint(in_path)
+    out = Path(out_path)
+    if out.resolve() == src.parent.resolve():
+        # save_checkpoint would replace the source's own step-N directory.
+        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
+    existing = latest_checkpoint(out)
+    if existing is not None:
+        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
+        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
+        state = load_checkpoint(src, device, restore_rng=True)
+        grown = grow(state, plan)
+        grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
+        tok = src / "tokenizer.json"
+        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
@@ -44,8 +89,6 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
 
 
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
-    from fastgrow.grow import grow_checkpoint
-
     plan = GrowPlan(
         depth=args.op,
         factor=args.factor,
@@ -59,6 +102,11 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         optimizer=args.optimizer,
         schedule=args.schedule,
         rewarm_steps=args.rewarm_steps,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        horizon_steps=args.horizon_steps,
+        jump_to_step=args.jump_to_step,
         seed=args.seed,
     )
     out = grow_checkpoint(args.input, args.output, plan, device=args.device)
@@ -103,7 +151,12 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-heads", type=int, default=0)
     p.add_argument("--optimizer", default="copy", choices=OPTIMIZER_POLICIES)
     p.add_argument("--schedule", default="continue", choices=SCHEDULE_POLICIES)
-    p.add_argument("--rewarm-steps", type=int, default=0)
+    p.add_argument("--rewarm-steps", type=int, default=0, help="schedule rewarm / jump: linear re-warm steps")
+    p.add_argument("--lr", type=float, default=None, help="schedule restart / jump: the grown phase's peak LR")
+    p.add_argument("--min-lr", type=float, default=None, help="schedule restart / jump: its final LR")
+    p.add_argument("--warmup-steps", type=int, default=None, help="schedule restart: its warmup steps")
+    p.add_argument("--horizon-steps", type=int, default=None, help="schedule restart: steps to decay over")
+    p.add_argument("--jump-to-step", type=int, default=None, help="schedule jump: step of the target's schedule")
     p.add_argument("--seed", type=int, default=None, help="seed of random init / noise (default: run seed)")
     p.add_argument("--device", default="cpu", help="device to grow on (default cpu)")
     p.set_defaults(func=cmd_grow)

@@ -5,7 +5,8 @@ with '*k'. `1-234*7-56` on a 6-layer model is layer 1, then layers 2,3,4 seven t
 layers); `123456*4` is G_stack with g = 4. A segment is a string of single digits (the paper's form, for
 models of up to 9 layers) or, for deeper models, comma-separated numbers, optionally in parentheses:
 `1,2,3,1,2,3` (an explicit source list), `(1,2)-(3,4,10,11)*2`. Where a spec may create new blocks
-(the `zero` and `random` operators), 0 stands for a new block.
+(the `zero` and `random` operators), 0 stands for a new block; `partial` and `sources` only copy
+layers (a 0 there is an error).
 
 Sources are returned 0-based, with -1 for a new block.
 """
@@ -37,8 +38,8 @@ def parse_spec(spec: str, base_layers: int, allow_new: bool = False) -> list[int
     """0-based sources for the spec (see module doc); -1 marks a new block where allow_new."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty stacking spec {spec!r}")
-    if base_layers < 1:
-        raise ValueError(f"base model must have >= 1 layer, got {base_layers}")
+    if base_layers < 0 or (base_layers == 0 and not allow_new):
+        raise ValueError(f"base model must have >= 1 layer to copy from, got {base_layers}")
     s = spec.replace(" ", "")
     out: list[int] = []
     # Split on '-' outside parentheses.
@@ -108,28 +109,7 @@ def connection_rate(sources: list[int]) -> float:
     return hits / (len(sources) - 1)
 
 
-def depth_sources(op: str, base_layers: int, target_layers: int = 0, factor: int = 0, spec: str = "") -> list[int]:
-    """Sources for a depth operator.
-
-    stack: the whole model repeated (layer i <- i mod L); interpolate: each layer repeated in place
-    (layer i <- floor(i * L / T)); partial / sources: the spec; zero / random: the original layers keep
-    their positions 0..L-1 and new blocks are appended on top (or placed where a spec puts 0s).
-    Target depth T = target_layers, else base_layers * factor.
-    """
-    if op in ("partial", "sources"):
-        if not spec:
-            raise ValueError(f"depth op {op!r} needs a spec (e.g. '1-234*7-56' or '1,2,3,1,2,3')")
-        src = stack_sources(spec, base_layers)
-        if target_layers and len(src) != target_layers:
-            raise ValueError(f"spec {spec!r} gives {len(src)} layers but target_layers is {target_layers}")
-        return src
-    if op in ("zero", "random") and spec:
-        src = parse_spec(spec, base_layers, allow_new=True)
-        if len(src) < base_layers:
-            raise ValueError(f"spec {spec!r} gives {len(src)} layers, fewer than the model's {base_layers}")
-        if target_layers and len(src) != target_layers:
-            raise ValueError(f"spec {spec!r} gives {len(src)} layers but target_layers is {target_layers}")
-        return src
+def _target_depth(op: str, base_layers: int, target_layers: int, factor: int) -> int:
     if target_layers < 0 or factor < 0:
         raise ValueError(f"target_layers and factor must be >= 0, got {target_layers}, {factor}")
     t = target_layers or base_layers * factor
@@ -137,10 +117,81 @@ def depth_sources(op: str, base_layers: int, target_layers: int = 0, factor: int
         raise ValueError(f"depth op {op!r} needs a growth factor or target_layers")
     if t < base_layers:
         raise ValueError(f"cannot grow {base_layers} layers to fewer ({t}) layers")
-    if op == "stack":
-        return [i % base_layers for i in range(t)]
-    if op == "interpolate":
-        return [i * base_layers // t for i in range(t)]
-    if op in ("zero", "random"):
+    return t
+
+
+def _need_layers(op: str, base_layers: int) -> None:
+    if base_layers < 1:
+        raise ValueError(
+            f"depth op {op!r} copies layers but the model has none; grow a 0-layer model with zero or random"
+        )
+
+
+def _spec_sources(op: str, base_layers: int, target_layers: int, factor: int, spec: str) -> list[int]:
+    if factor:
+        raise ValueError(f"depth op {op!r}: the spec {spec!r} sets the depth; give no factor")
+    src = parse_spec(spec, base_layers, allow_new=op in ("zero", "random"))
+    if len(src) < base_layers:
+        raise ValueError(
+            f"spec {spec!r} gives {len(src)} layers, fewer than the model's {base_layers}: growth cannot remove layers"
+        )
+    if target_layers and len(src) != target_layers:
+        raise ValueError(f"spec {spec!r} gives {len(src)} layers but target_layers is {target_layers}")
+    return src
+
+
+def _stack(base_layers: int, target_layers: int, factor: int, spec: str) -> list[int]:
+    _need_layers("stack", base_layers)
+    return [i % base_layers for i in range(_target_depth("stack", base_layers, target_layers, factor))]
+
+
+def _interpolate(base_layers: int, target_layers: int, factor: int, spec: str) -> list[int]:
+    _need_layers("interpolate", base_layers)
+    t = _target_depth("interpolate", base_layers, target_layers, factor)
+    return [i * base_layers // t for i in range(t)]
+
+
+def _from_spec(op: str):
+    def sources(base_layers: int, target_layers: int, factor: int, spec: str) -> list[int]:
+        if not spec:
+            raise ValueError(f"depth op {op!r} needs a spec (e.g. '1-234*7-56' or '1,2,3,1,2,3')")
+        return _spec_sources(op, base_layers, target_layers, factor, spec)
+
+    return sources
+
+
+def _new_blocks(op: str):
+    def sources(base_layers: int, target_layers: int, factor: int, spec: str) -> list[int]:
+        if spec:
+            return _spec_sources(op, base_layers, target_layers, factor, spec)
+        if base_layers == 0 and factor and not target_layers:
+            raise ValueError(f"depth op {op!r} on a 0-layer model: give target_layers (a factor of 0 layers is 0)")
+        t = _target_depth(op, base_layers, target_layers, factor)
         return list(range(base_layers)) + [NEW_BLOCK] * (t - base_layers)
-    raise ValueError(f"unknown depth op {op!r} (stack | interpolate | partial | sources | zero | random)")
+
+    return sources
+
+
+# Depth operators: op -> sources(base_layers, target_layers, factor, spec). A new operator joins here.
+DEPTH_SOURCES = {
+    "stack": _stack,
+    "interpolate": _interpolate,
+    "partial": _from_spec("partial"),
+    "sources": _from_spec("sources"),
+    "zero": _new_blocks("zero"),
+    "random": _new_blocks("random"),
+}
+
+
+def depth_sources(op: str, base_layers: int, target_layers: int = 0, factor: int = 0, spec: str = "") -> list[int]:
+    """Sources for a depth operator.
+
+    stack: the whole model repeated (layer i <- i mod L); interpolate: each layer repeated in place
+    (layer i <- floor(i * L / T)); partial / sources: the spec; zero / random: the original layers keep
+    their positions 0..L-1 and new blocks are appended on top (or placed where a spec puts 0s; from a
+    0-layer model every layer is new). Target depth T = target_layers, else base_layers * factor.
+    """
+    fn = DEPTH_SOURCES.get(op)
+    if fn is None:
+        raise ValueError(f"unknown depth op {op!r} ({' | '.join(DEPTH_SOURCES)})")
+    return fn(base_layers, target_layers, factor, spec)

@@ -52,9 +52,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 class LRSchedule:
     """Warmup then cosine / constant / WSD decay, with the state growth may change.
 
-    offset: a `restart` sets it to the growth step, so the schedule starts over (warmup included).
-    rewarm_start/rewarm_steps: a `rewarm` ramps linearly from ~0 to the scheduled LR over that many
-    steps from rewarm_start, without moving the schedule itself.
+    The schedule is a function of the position pos = step - offset: warmup over warmup_steps, then
+    decay from peak_lr to min_lr by pos = horizon (0: the end of the run, total_steps - offset), then
+    min_lr. Growth (fastgrow.grow) changes it per stage:
+    offset: a `restart` sets it to the growth step, so the schedule starts over (warmup included); a
+    `jump` to step J of the target's schedule sets it to growth step - J (negative when it jumps ahead).
+    peak_lr/min_lr/warmup_steps/horizon: a `restart` may give the grown phase its own.
+    rewarm_start/rewarm_steps: a `rewarm` (or a `jump`) ramps linearly from ~0 to the scheduled LR over
+    that many steps from rewarm_start, without moving the schedule itself.
     """
 
     peak_lr: float
@@ -66,6 +71,7 @@ class LRSchedule:
     offset: int = 0
     rewarm_start: int = -1
     rewarm_steps: int = 0
+    horizon: int = 0
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> LRSchedule:
@@ -80,7 +86,7 @@ class LRSchedule:
 
     def scheduled(self, step: int) -> float:
         pos = step - self.offset
-        horizon = max(1, self.total_steps - self.offset)
+        horizon = self.horizon or max(1, self.total_steps - self.offset)
         if pos < self.warmup_steps:
             return self.peak_lr * (pos + 1) / self.warmup_steps
         if self.kind == "constant":

@@ -17,8 +17,8 @@ Conventions used here (say them, because papers differ):
     the target's widths and target_layers / g layers, so its non-embedding parameters are ~N_ne / g
     (exactly, up to the final norm). Its embedding and head are the target's.
   * The fit was made on runs with C ~ 1e19 .. 1e22 FLOPs. Far outside that range (tiny CPU models) it
-    extrapolates to nonsense (d > D); `in_fit_range` says so and `auto_growth_tokens` clamps d to
-    `max_fraction` of the token budget.
+    extrapolates to nonsense (d > D); `in_fit_range` says so and d is clamped to half the token budget
+    (`clamp_growth_tokens`, the same clamp as the trainer's `at_tokens = "auto"`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from fastgrow.config import MODEL_PRESETS, ModelConfig, RunConfig, parse_count
 FIT_RANGE_FLOPS = (1e19, 1e23)
 # The paper's targets, matched by parameter count when no preset or layer count is given.
 PAPER_TARGETS = ("410M", "1.1B", "3B", "7B")
+# Growth never later than this fraction of the run's tokens (Eq. 10 extrapolated past its fit can ask
+# for more than the run has): shared by `fastgrow plan` and `at_tokens = "auto"`.
+MAX_GROWTH_FRACTION = 0.5
 
 
 def growth_tokens(params: int | float, flops: int | float) -> float:
@@ -157,7 +160,7 @@ def plan_growth(
 
     c = 6.0 * n * d_tokens
     d_raw = growth_tokens(n, c)
-    d = int(round(min(d_raw, float(d_tokens))))
+    d = clamp_growth_tokens(round(d_raw), d_tokens)
 
     base_model = None
     ne = ne_small = None
@@ -185,7 +188,7 @@ def plan_growth(
         flops=c,
         growth_tokens=d,
         growth_tokens_raw=d_raw,
-        in_fit_range=FIT_RANGE_FLOPS[0] <= c <= FIT_RANGE_FLOPS[1] and d_raw < d_tokens,
+        in_fit_range=FIT_RANGE_FLOPS[0] <= c <= FIT_RANGE_FLOPS[1] and d_raw <= MAX_GROWTH_FRACTION * d_tokens,
         preset=preset,
         base_layers=base_layers,
         target_layers=target_layers,
@@ -201,21 +204,22 @@ def plan_growth(
     )
 
 
-def auto_growth_tokens(run: RunConfig, target: ModelConfig | None = None, max_fraction: float = 0.5) -> int:
-    """`growth.at_tokens = "auto"`: Eq. 10 for the run's target, clamped to max_fraction of the budget.
-
-    The run's token budget is train.max_steps * batch_size * seq_len * grad_accum; N is the target's
-    total parameter count; target is the grown architecture (default: what run.growth makes of
-    run.model). For runs far below the paper's compute range Eq. 10 asks for more tokens than the run
-    has; then the growth happens at max_fraction of the budget.
-    """
+def clamp_growth_tokens(d: float, budget_tokens: int, max_fraction: float = MAX_GROWTH_FRACTION) -> int:
+    """Eq. 10's d, clamped to max_fraction of the run's token budget (at least 1 token). Beyond the
+    paper's compute range Eq. 10 asks for more tokens than the run has; the planner and the trainer's
+    `at_tokens = "auto"` both clamp here, so they agree."""
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
-    if target is None:
-        from fastgrow.grow import plan_from_config, resolve_plan  # grow imports nothing from here
+    return max(1, int(min(d, max_fraction * budget_tokens)))
 
-        target = resolve_plan(plan_from_config(run.growth, run.model), run.model).dst
+
+def auto_growth_tokens(run: RunConfig, target: ModelConfig, max_fraction: float = MAX_GROWTH_FRACTION) -> int:
+    """`growth.at_tokens = "auto"`: Eq. 10 for the run's target, clamped (see clamp_growth_tokens).
+
+    The run's token budget is train.max_steps * batch_size * seq_len * grad_accum; N is the target's
+    total parameter count; target is the grown architecture (fastgrow.stages computes it from the run's
+    growth stage, so this module needs nothing from the growth code).
+    """
     budget = run.train.max_steps * run.data.batch_size * run.data.seq_len * run.train.grad_accum
     n = target.num_params()
-    d = growth_tokens(n, 6.0 * n * budget)
-    return max(1, int(min(d, max_fraction * budget)))
+    return clamp_growth_tokens(growth_tokens(n, 6.0 * n * budget), budget, max_fraction)

@@ -126,7 +126,8 @@ class Variant:
                     noise=self.noise,
                     optimizer=self.optimizer,
                     schedule=self.schedule,
-                    rewarm_steps=max(1, self.rewarm_steps),  # 0 means "the run's warmup", resolved later
+                    # 0 means "the run's warmup", resolved later
+                    rewarm_steps=max(1, self.rewarm_steps) if self.schedule == "rewarm" else self.rewarm_steps,
                 )
             except ConfigError as e:
                 raise ConfigError(f"variant {self.name}: {e}") from None
@@ -157,7 +158,7 @@ class StudyConfig:
             raise ConfigError(
                 f"target layers ({self.target.model.n_layers}) are not divisible by study.factor ({self.factor})"
             )
-        if self.target.growth.enabled:
+        if self.target.growth:
             raise ConfigError("the study's [growth] section must be empty: growth is set per [[variant]]")
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"study.name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
@@ -385,8 +386,7 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
         growth = GrowthConfig(
             at_tokens=at,
             op=v.op,
-            factor=study.factor,
-            target_layers=t.model.n_layers if v.op not in ("partial", "sources") else 0,
+            target_layers=t.model.n_layers,
             spec=v.spec,
             noise=v.noise,
             optimizer=v.optimizer,
@@ -406,7 +406,7 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
             model=study.base,
             data=t.data,
             train=dataclasses.replace(t.train, max_steps=steps, out_dir=str(run_dir)),
-            growth=growth,
+            growth=(growth,),
         )
         flops = k * tps * f_small + (steps - k) * tps * f_large
         runs.append(PlannedRun(v, cfg, run_dir, at, k, steps, flops, budget))
@@ -700,7 +700,7 @@ def _fmt(x: float | None, spec: str, none: str = "—") -> str:
 
 
 def _table_row(r: dict[str, Any], budget_tokens: int) -> list[str]:
-    g = r["config"]["growth"]
+    g = (r["config"]["growth"] or [{"spec": "", "noise": 0.0, "schedule": "", "optimizer": ""}])[0]
     grows = r["op"] in GROWTH_OPS
     op = r["op"] + (f" `{g['spec']}`" if grows and g["spec"] else "") + (f" noise {g['noise']:g}" if g["noise"] else "")
     sched = g["schedule"] + (f" {g['rewarm_steps']}" if g["schedule"] == "rewarm" else "")

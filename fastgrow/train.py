@@ -22,14 +22,12 @@ import torch
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgrow.config import ConfigError, RunConfig
-
-# The token count at which the run grows (0: never; "auto": the planner's Eq. 10 timing).
-from fastgrow.grow import growth_at_tokens as resolve_growth_tokens
-from fastgrow.grow import plan_from_config, resolve_plan
+from fastgrow.grow_event import GrowthContext, run_growth_event
 from fastgrow.loader import BatchLoader, TokenData
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
 from fastgrow.optim import set_lr
+from fastgrow.stages import check_stages
 from fastgrow.state import TrainState, build_state, resolve_device
 
 
@@ -98,16 +96,10 @@ def _ckpt_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _growth_due(state: TrainState, at_tokens: int) -> bool:
-    return bool(at_tokens) and not state.growth_history and state.tokens >= at_tokens
-
-
-def _check_growth_plan(cfg: RunConfig, state: TrainState) -> None:
-    """Resolve the [growth] plan against the model now, so a bad plan fails at start, not at the event."""
-    try:
-        resolve_plan(plan_from_config(cfg.growth, state.model.cfg), state.model.cfg)
-    except ValueError as e:
-        raise ConfigError(f"[growth]: {e}") from None
+def _due_stage(state: TrainState, stage_tokens: list[int]) -> int | None:
+    """The growth stage due before the next step (stages done = records in growth_history), or None."""
+    k = len(state.growth_history)
+    return k if k < len(stage_tokens) and state.tokens >= stage_tokens[k] else None
 
 
 def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainState:
@@ -159,8 +151,8 @@ def train(
             f"set --model.vocab_size={data.vocab_size} or more"
         )
     state = prepare_state(cfg, resume, dev)
-    if cfg.growth.enabled and not state.growth_history:
-        _check_growth_plan(cfg, state)
+    # Every stage not yet done, checked against the live model now, not at its event.
+    growth_at = check_stages(cfg, state.model.cfg, done=len(state.growth_history))
     tcfg = cfg.train
     out_dir = Path(tcfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +175,6 @@ def train(
         seed=tcfg.seed,
     )
     val_batches = val_loader.val_batches(tcfg.eval_batches)
-    growth_at = resolve_growth_tokens(cfg)
     stop = tcfg.max_steps if until_step is None else min(until_step, tcfg.max_steps)
     runner = _Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop)
     return runner.run()
@@ -273,8 +264,11 @@ class _Runner:
         try:
             with _SigtermFlag() as sigterm:
                 while self.state.step < self.stop:
-                    if _growth_due(self.state, self.growth_at):
-                        self._grow(log)
+                    due = _due_stage(self.state, self.growth_at)
+                    if due is not None:
+                        while due is not None:  # stages whose token counts fall within one step
+                            self._grow(log, due, pbar)
+                            due = _due_stage(self.state, self.growth_at)
                         window_loss.zero_()
                         window_bad.zero_()
                         window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
@@ -394,12 +388,7 @@ class _Runner:
             post["mfu"] = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
             pbar.set_postfix(post, refresh=False)
         elif pbar is not None and rec["kind"] in ("val", "growth"):
-            msg = (
-                f"step {rec['step']}: val_loss {rec['val_loss']:.4f}"
-                if rec["kind"] == "val"
-                else f"step {rec['step']}: grew {rec['layers_before']}→{rec['layers_after']} layers "
-                f"({rec['params_before']:,}→{rec['params_after']:,} params) in {rec['grow_seconds'] * 1e3:.1f} ms"
-            )
+            msg = f"step {rec['step']}: val_loss {rec['val_loss']:.4f}" if rec["kind"] == "val" else _growth_line(rec)
             pbar.write(msg, file=sys.stderr)
 
     def _eval(self, log: MetricsLog, pbar) -> None:
@@ -421,42 +410,48 @@ class _Runner:
         self.state.bad_steps = int(consec_bad.item())  # a checkpoint is a sync point anyway
         return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
 
-    def _grow(self, log: MetricsLog) -> None:
-        from fastgrow.grow import apply_growth
-
+    def _grow(self, log: MetricsLog, stage: int, pbar) -> None:
         before = self.state
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         # Throughput before growth: the last few logged windows (the very first one includes warm-up).
         recent = [r["tokens_per_s"] for r in self.records if r["kind"] == "train"][1:][-5:]
         tps_before = sum(recent) / len(recent) if recent else None
         params_before = before.model.num_params()
         layers_before = before.model.cfg.n_layers
         flops_tok_before = self.flops_tok
-        t0 = time.perf_counter()
-        self.state = apply_growth(before, self.cfg.growth)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        ctx = GrowthContext(
+            cfg=self.cfg,
+            stage=stage,
+            loader=self.loader,
+            evaluate=lambda st: evaluate(st, self.val_batches, self.cfg),
+            device=self.device,
+        )
+        self.state, event = run_growth_event(before, ctx)
         self._setup_model()
         rec = {
             "kind": "growth",
             "step": self.state.step,
             "tokens": self.state.tokens,
             "flops": self._flops_so_far(),
-            "op": self.cfg.growth.op,
+            "op": self.cfg.growth[stage].op,
+            "stage": stage,
             "layers_before": layers_before,
             "layers_after": self.state.model.cfg.n_layers,
             "params_before": params_before,
             "params_after": self.state.model.num_params(),
-            "grow_seconds": seconds,
+            "grow_seconds": event["grow_seconds"],
+            "val_loss_before": event["val_loss_before"],
+            "val_loss_after": event["val_loss_after"],
             "tokens_per_s_before": tps_before,
             "mfu_before": mfu(flops_tok_before, tps_before, self.peak) if tps_before else None,
         }
-        self._emit(log, rec, None)
-        if self.echo:
-            print(
-                f"[growth] step {rec['step']}: {rec['op']} {layers_before}→{rec['layers_after']} layers, "
-                f"{params_before:,}→{rec['params_after']:,} params, grow() {seconds * 1e3:.1f} ms",
-                file=sys.stderr,
-            )
+        self._emit(log, rec, pbar)
+        if self.echo and pbar is None:
+            print(f"[growth] {_growth_line(rec)}", file=sys.stderr)
+
+
+def _growth_line(rec: dict[str, Any]) -> str:
+    return (
+        f"step {rec['step']}: growth[{rec['stage']}] {rec['op']} {rec['layers_before']}→{rec['layers_after']} "
+        f"layers, {rec['params_before']:,}→{rec['params_after']:,} params in {rec['grow_seconds'] * 1e3:.1f} ms; "
+        f"val_loss {rec['val_loss_before']:.4f} → {rec['val_loss_after']:.4f}"
+    )

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from fastgrow.config import (
@@ -49,8 +51,8 @@ def test_model_config_validation(kwargs, needle):
 
 def test_overrides_parse_types_and_name_bad_keys():
     cfg = apply_overrides(preset("tiny"), ["--train.lr=1e-3", "--train.compile=true", "--growth.at_tokens=10k"])
-    assert cfg.train.lr == 1e-3 and cfg.train.compile is True and cfg.growth.at_tokens == 10_000
-    assert apply_overrides(cfg, ["--growth.at_tokens=auto"]).growth.at_tokens == "auto"
+    assert cfg.train.lr == 1e-3 and cfg.train.compile is True and cfg.growth[0].at_tokens == 10_000
+    assert apply_overrides(cfg, ["--growth.at_tokens=auto"]).growth[0].at_tokens == "auto"
     with pytest.raises(ConfigError, match="unknown key 'lrr' in \\[train\\]"):
         apply_overrides(cfg, ["--train.lrr=1"])
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
@@ -67,7 +69,7 @@ def test_toml_with_preset_and_errors(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('preset = "410M-base"\n[train]\nlr = 2e-4\nmax_steps = 7\n[growth]\nat_tokens = "auto"\n')
     cfg = load_toml(f)
-    assert cfg.model.n_layers == 6 and cfg.train.lr == 2e-4 and cfg.growth.at_tokens == "auto"
+    assert cfg.model.n_layers == 6 and cfg.train.lr == 2e-4 and cfg.growth[0].at_tokens == "auto"
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     f.write_text("[train]\nlr = -1\n")
     with pytest.raises(ConfigError, match="train.lr must be > 0"):
@@ -103,3 +105,86 @@ def test_parse_count_rejects_garbage():
         parse_count("lots")
     with pytest.raises(ValueError):
         parse_count("-5")
+
+
+# --- growth stages: [growth] / [[growth]], overrides, legacy tables, strict settings ----------------------
+
+
+def test_growth_table_is_one_stage_and_array_is_several(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[growth]\nat_tokens = 1000\nop = "stack"\nfactor = 2\n')
+    cfg = load_toml(f)
+    assert len(cfg.growth) == 1 and cfg.growth[0].factor == 2
+    f.write_text(
+        '[[growth]]\nat_tokens = "1k"\nop = "stack"\nfactor = 2\n'
+        '[[growth]]\nat_tokens = 5000\nop = "width"\ntarget_dim = 256\nwidth_op = "zero"\n'
+    )
+    cfg = load_toml(f)
+    assert [g.at_tokens for g in cfg.growth] == [1000, 5000] and cfg.growth[1].width_op == "zero"
+    d = cfg.to_dict()
+    assert isinstance(d["growth"], list) and d["growth"][1]["target_dim"] == 256
+    assert RunConfig.from_dict(d) == cfg
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    f.write_text("[growth]\nat_tokens = 0\n")  # the older way to say "no growth"
+    assert load_toml(f).growth == ()
+    assert RunConfig().to_dict()["growth"] == []
+
+
+def test_legacy_growth_table_from_an_old_checkpoint():
+    legacy = {
+        "at_tokens": 96,
+        "op": "partial",
+        "factor": 4,  # ignored by partial in older versions: dropped, not refused
+        "target_layers": 0,
+        "spec": "1-2*3",
+        "noise": 0.0,
+        "target_dim": 0,
+        "target_ffn_dim": 0,
+        "target_heads": 0,
+        "width_op": "direct",
+        "optimizer": "copy",
+        "schedule": "rewarm",
+        "rewarm_steps": 2,
+    }
+    (g,) = RunConfig.from_dict({"growth": legacy}).growth
+    assert (g.op, g.spec, g.factor, g.width_op, g.rewarm_steps) == ("partial", "1-2*3", 0, "", 2)
+    assert RunConfig.from_dict({"growth": {**legacy, "at_tokens": 0}}).growth == ()
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["--growth.0.spec=12-3456*5-56"], "growth\\[0\\].spec = '12-3456\\*5-56' is not used: op 'stack'"),
+        (["--growth.1.factor=3"], "growth\\[1\\].factor = 3 is not used: op 'width'"),
+        (["--growth.factor=3"], "address one as --growth.N.factor"),
+        (["--growth.3.op=stack"], "growth.0 .. growth.2"),
+        (["--growth.1.at_tokens=50"], "growth\\[1\\].at_tokens \\(50\\) must be greater than growth\\[0\\]"),
+        (["--growth.1.width_op=learn"], "growth\\[1\\].width_op must be one of"),
+        (["--growth.0.rewarm_steps=5"], "growth\\[0\\].rewarm_steps = 5 is not used: schedule 'continue'"),
+        (["--growth.1.schedule=restart", "--growth.1.jump_to_step=3"], "growth\\[1\\].jump_to_step = 3"),
+        (["--growth.0.target_layers=8"], "growth\\[0\\].factor \\(2\\) and growth\\[0\\].target_layers \\(8\\)"),
+        (["--growth.0.at_tokens=auto"], 'growth\\[0\\].at_tokens: "auto"'),
+        (["--growth.2.op=stack"], "growth\\[2\\].at_tokens is required"),
+        (["--growth.1.nope=1"], "unknown key 'nope' in \\[growth\\]"),
+    ],
+)
+def test_growth_overrides_and_errors_name_the_stage(overrides, needle):
+    base = apply_overrides(
+        RunConfig(),
+        ["--growth.at_tokens=100", "--growth.factor=2", "--growth.1.at_tokens=200", "--growth.1.op=width"]
+        + ["--growth.1.target_dim=256"],
+    )
+    assert [g.op for g in base.growth] == ["stack", "width"]
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(base, overrides)
+
+
+def test_growth_overrides_address_stages():
+    cfg = apply_overrides(RunConfig(), ["--growth.at_tokens=10k", "--growth.op=zero", "--growth.target_layers=4"])
+    assert len(cfg.growth) == 1 and cfg.growth[0].target_layers == 4
+    cfg = apply_overrides(cfg, ["--growth.factor=0", "--growth.target_layers=6"])  # the single stage
+    assert cfg.growth[0].target_layers == 6
+    cfg = apply_overrides(cfg, ["--growth.1.at_tokens=20k", "--growth.1.schedule=jump", "--growth.1.jump_to_step=7"])
+    assert len(cfg.growth) == 2 and cfg.growth[1].jump_to_step == 7 and cfg.growth[1].op == "stack"
+    cfg = apply_overrides(cfg, ["--growth.0.noise=0.1"])
+    assert cfg.growth[0].noise == 0.1 and cfg.growth[1].noise == 0.0

@@ -23,12 +23,12 @@ from fastgrow.grow import (
     apply_growth,
     connection_rate,
     grow,
-    growth_at_tokens,
     plan_from_config,
     resolve_plan,
     stack_sources,
 )
 from fastgrow.grow_depth import parse_spec
+from fastgrow.stages import stage_tokens
 
 BLOCK = (
     "attn_norm.weight",
@@ -333,18 +333,15 @@ def test_plan_from_config_and_apply_growth(base_state):
         plan_from_config(GrowthConfig(at_tokens=1, op="bogus"), base_state.model.cfg)
 
 
-def test_growth_at_tokens():
+def test_stage_tokens():
     run = tiny_run()
-    assert growth_at_tokens(run) == 0
-    run = RunConfig(model=run.model, data=run.data, train=run.train, growth=GrowthConfig(at_tokens=512))
-    assert growth_at_tokens(run) == 512
-    run = RunConfig(model=run.model, data=run.data, train=run.train, growth=GrowthConfig(at_tokens="auto"))
+    assert stage_tokens(run) == []
+    run = RunConfig(model=run.model, data=run.data, train=run.train, growth=(GrowthConfig(at_tokens=512),))
+    assert stage_tokens(run) == [512]
+    run = RunConfig(model=run.model, data=run.data, train=run.train, growth=(GrowthConfig(at_tokens="auto"),))
     budget = run.train.max_steps * run.data.batch_size * run.data.seq_len
     # Eq. 10 extrapolates far past the budget for a model this small: clamped to half of it.
-    assert growth_at_tokens(run) == budget // 2
-    from fastgrow.train import resolve_growth_tokens  # the trainer's entry point agrees
-
-    assert resolve_growth_tokens(run) == budget // 2
+    assert stage_tokens(run) == [budget // 2]
 
 
 # --- GPU: no host syncs, no DtoH copies -------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from fastgrow.config import DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig
-from fastgrow.grow import GrowPlan, grow_checkpoint
-from fastgrow.grow_cli import add_growth_commands
+from fastgrow.grow import GrowPlan
+from fastgrow.grow_cli import add_growth_commands, grow_checkpoint
 from fastgrow.train import train as _train
 
 VOCAB = 61
@@ -30,25 +30,26 @@ class _GrewTwice(RuntimeError):
 
 
 def train(cfg, **kw):
-    """fastgrow.train.train, failing fast (instead of growing without bound) if one run grows twice."""
-    import fastgrow.grow as grow_mod
+    """fastgrow.train.train, failing fast (instead of growing without bound) if one run grows more often
+    than it has stages."""
+    import fastgrow.grow_event as event_mod
 
-    real = grow_mod.apply_growth
+    real = event_mod.apply_growth
     calls = []
 
-    def once(state, growth_cfg):
+    def counted(state, growth_cfg):
         calls.append(state.step)
-        if len(calls) > 1:
+        if len(calls) > len(cfg.growth):
             raise _GrewTwice(f"apply_growth called again at step(s) {calls}")
         return real(state, growth_cfg)
 
-    grow_mod.apply_growth = once
+    event_mod.apply_growth = counted
     try:
         return _train(cfg, **kw)
     except _GrewTwice:
         pytest.fail(STALE_STATE)
     finally:
-        grow_mod.apply_growth = real
+        event_mod.apply_growth = real
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def data_dir(tmp_path_factory):
     return d
 
 
-def run_cfg(data_dir, out_dir, growth: GrowthConfig | None = None) -> RunConfig:
+def run_cfg(data_dir, out_dir, growth: tuple[GrowthConfig, ...] | None = None) -> RunConfig:
     return RunConfig(
         model=ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32),
         data=DataConfig(data_dir=str(data_dir), seq_len=16, batch_size=2, val_fraction=0.05),
@@ -101,7 +102,9 @@ def run_cfg(data_dir, out_dir, growth: GrowthConfig | None = None) -> RunConfig:
             ckpt_every=0,
             progress=False,
         ),
-        growth=growth or GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),
+        growth=(GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),)
+        if growth is None
+        else growth,
     )
 
 
@@ -201,7 +204,7 @@ def test_plan_command_json(capsys):
 
 
 def test_grow_command(data_dir, tmp_path, capsys):
-    cfg = run_cfg(data_dir, tmp_path / "small", growth=GrowthConfig())
+    cfg = run_cfg(data_dir, tmp_path / "small", growth=())
     train(cfg, echo=False, until_step=2)
     args = _parser().parse_args(
         ["grow", str(tmp_path / "small"), str(tmp_path / "big"), "--op", "partial", "--spec", "1-2*3"]
@@ -238,7 +241,8 @@ def test_grow_checkpoint_refuses_a_run_directory_that_has_checkpoints(tmp_path):
     from conftest import tiny_run_config
 
     from fastgrow.checkpoint import save_checkpoint
-    from fastgrow.grow import GrowPlan, grow_checkpoint
+    from fastgrow.grow import GrowPlan
+    from fastgrow.grow_cli import grow_checkpoint
     from fastgrow.state import build_state
 
     st = build_state(tiny_run_config(tmp_path / "d", tmp_path / "src"), "cpu")
@@ -249,3 +253,135 @@ def test_grow_checkpoint_refuses_a_run_directory_that_has_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="already holds checkpoints"):
         grow_checkpoint(tmp_path / "src", tmp_path / "out", GrowPlan(depth="stack", factor=2))
     assert torch.get_rng_state() is not None
+
+
+# --- several stages in one run -----------------------------------------------------------------------
+
+TWO_STAGES = """
+[[growth]]
+at_tokens = 96            # step 3: G_stack 2 -> 4 layers
+op = "stack"
+factor = 2
+
+[[growth]]
+at_tokens = 192           # step 6: 4 -> 8 layers, new blocks are identities (function kept)
+op = "zero"
+target_layers = 8
+schedule = "rewarm"
+rewarm_steps = 2
+"""
+
+
+def two_stage_cfg(data_dir, out_dir, tmp_path) -> RunConfig:
+    from fastgrow.config import load_toml
+
+    f = tmp_path / "stages.toml"
+    f.write_text(TWO_STAGES)
+    stages = load_toml(f).growth
+    return run_cfg(data_dir, out_dir, growth=stages)
+
+
+@pytest.fixture(scope="module")
+def straight_two(data_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
+    return train(two_stage_cfg(data_dir, tmp / "run", tmp), echo=False)
+
+
+def test_two_stage_run_logs_both_growths(straight_two):
+    st = straight_two.state
+    assert st.step == 8 and st.model.cfg.n_layers == 8
+    assert [r["stage"] for r in st.growth_history] == [0, 1]
+    assert [(r["step"], r["tokens"]) for r in st.growth_history] == [(3, 96), (6, 192)]
+    assert st.growth_history[1]["sources"] == [0, 1, 2, 3, -1, -1, -1, -1]
+    grows = [r for r in straight_two.records if r["kind"] == "growth"]
+    assert [(g["stage"], g["layers_before"], g["layers_after"], g["op"]) for g in grows] == [
+        (0, 2, 4, "stack"),
+        (1, 4, 8, "zero"),
+    ]
+    for g, h in zip(grows, st.growth_history):
+        assert g["val_loss_before"] == h["val_loss_before"] and g["val_loss_after"] == h["val_loss_after"]
+        assert np.isfinite(g["val_loss_before"]) and np.isfinite(g["val_loss_after"])
+    # Stage 1 adds identity blocks: the validation loss right after growth, before any step of the grown
+    # model, is the loss right before it.
+    assert grows[1]["val_loss_after"] == grows[1]["val_loss_before"]
+    # Stage 0 (G_stack) changes the function: its measured loss moves.
+    assert grows[0]["val_loss_after"] != grows[0]["val_loss_before"]
+    # FLOPs count each phase at its own size: 3 steps at 2 layers, 3 at 4, 2 at 8.
+    from fastgrow.model import flops_per_token
+
+    m = st.config.model
+    f = [flops_per_token(dataclasses.replace(m, n_layers=n), 16) for n in (2, 4, 8)]
+    last = [r for r in straight_two.records if r["kind"] == "train"][-1]
+    assert last["flops"] == pytest.approx(32 * (3 * f[0] + 3 * f[1] + 2 * f[2]), rel=1e-12)
+    assert st.schedule.rewarm_start == 6 and st.schedule.rewarm_steps == 2
+
+
+@pytest.mark.parametrize("stop_at", [2, 4, 6, 7])
+def test_resume_between_stages_is_bitwise(data_dir, tmp_path, straight_two, stop_at):
+    """Stop before stage 0, between the stages, exactly at stage 1 (tokens reached, not yet grown) and
+    after it; resume; land on the straight run's weights and moments bit for bit."""
+    cfg = two_stage_cfg(data_dir, tmp_path / "run", tmp_path)
+    first = train(cfg, echo=False, until_step=stop_at)
+    assert len(first.state.growth_history) == (stop_at > 3) + (stop_at > 6)
+    second = train(cfg, resume=True, echo=False)
+    assert second.state.step == 8 and [r["stage"] for r in second.state.growth_history] == [0, 1]
+    assert_bitwise(params_of(second.state), params_of(straight_two.state))
+    assert_bitwise(moments_of(second.state), moments_of(straight_two.state))
+
+
+def test_bad_stage_chains_fail_at_start(data_dir, tmp_path):
+    """Each stage is checked against the model the previous stage makes, before any step, and a stage
+    the run never reaches is an error (it would silently never happen)."""
+    from fastgrow.config import ConfigError
+
+    bad = [
+        # stage 1 reads layer 5 of what stage 0 made (4 layers)
+        (
+            (GrowthConfig(at_tokens=64, factor=2), GrowthConfig(at_tokens=96, op="partial", spec="1-5*2")),
+            "growth\\[1\\]",
+        ),
+        # direct width from dim 32 to 48 is not an integer multiple
+        ((GrowthConfig(at_tokens=64, op="width", target_dim=48),), "growth\\[0\\]: .*integer"),
+        # step 8 of an 8-step run: growth would come after the last step
+        ((GrowthConfig(at_tokens=8 * 32, factor=2),), "growth\\[0\\].at_tokens = 256 is never reached"),
+        ((GrowthConfig(at_tokens=32, factor=2), GrowthConfig(at_tokens=7 * 32 + 1, factor=2)), "growth\\[1\\]"),
+    ]
+    for stages, needle in bad:
+        cfg = run_cfg(data_dir, tmp_path / "bad", growth=stages)
+        with pytest.raises(ConfigError, match=needle):
+            train(cfg, echo=False)
+        assert latest_checkpoint(tmp_path / "bad") is None
+
+
+def test_resume_a_checkpoint_with_a_legacy_growth_table(data_dir, tmp_path, straight):
+    """Checkpoints of older versions store [growth] as one table (every field, unused ones included):
+    they resume under the equivalent one-stage config."""
+    from fastgrow.checkpoint import MANIFEST
+    from fastgrow.fsutil import sha256_file
+
+    cfg = run_cfg(data_dir, tmp_path / "run")
+    train(cfg, echo=False, until_step=2)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    meta = json.loads((ckpt / "state.json").read_text())
+    meta["config"]["growth"] = {
+        "at_tokens": 96,
+        "op": "stack",
+        "factor": 2,
+        "target_layers": 0,
+        "spec": "",
+        "noise": 0.0,
+        "target_dim": 0,
+        "target_ffn_dim": 0,
+        "target_heads": 0,
+        "width_op": "direct",
+        "optimizer": "copy",
+        "schedule": "rewarm",
+        "rewarm_steps": 2,
+    }
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    f = ckpt / "state.json"
+    manifest["files"]["state.json"] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    second = train(cfg, resume=True, echo=False)
+    assert_bitwise(params_of(second.state), params_of(straight.state))

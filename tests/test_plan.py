@@ -95,9 +95,12 @@ def test_tiny_runs_are_outside_the_fit_and_get_clamped():
     p = plan_growth(None, "400K", preset="tiny", factor=4)
     assert not p.in_fit_range
     assert p.growth_tokens_raw > p.tokens  # Eq. 10 extrapolated far beyond the budget
-    assert p.growth_tokens == p.tokens
+    # Clamped to half the budget, the same clamp as the trainer's at_tokens = "auto" (they used to
+    # differ: the planner printed d = D, a large phase of 0 FLOPs).
+    assert p.growth_tokens == p.tokens // 2
     run = preset("tiny-base")
     budget = run.train.max_steps * run.data.batch_size * run.data.seq_len
     assert auto_growth_tokens(run, MODEL_PRESETS["tiny"]) == budget // 2
+    assert plan_growth(None, budget, preset="tiny").growth_tokens == budget // 2
     assert auto_growth_tokens(run, MODEL_PRESETS["tiny"], max_fraction=0.25) == budget // 4
     assert math.isfinite(p.flops_small)

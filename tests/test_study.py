@@ -178,7 +178,7 @@ def test_study_config_errors(tmp_path):
     study = load_study(
         _write_study(tmp_path, scratch + '[[variant]]\nname = "short"\nop = "partial"\nspec = "1-2*3"\n')
     )
-    with pytest.raises(ConfigError, match="variant short: .*4 layers, not the target's 8"):
+    with pytest.raises(ConfigError, match="variant short: .*gives 4 layers but target_layers is 8"):
         plan_study(study, tmp_path / "out")
     # Growing after the whole budget is spent on the small model is refused.
     study = load_study(_write_study(tmp_path, scratch + '[[variant]]\nname = "late"\ntiming = "5D"\n'))
@@ -196,8 +196,9 @@ def test_shipped_configs_plan_equal_flops_and_data_order(path, tmp_path):
     assert names[0] == "scratch" and len(set(names)) == len(names)
     ops = {r.variant.op for r in runs}
     assert {"stack", "interpolate", "partial", "zero", "random", "base"} <= ops
-    grown = [r.config.growth for r in runs if r.variant.grows]
-    assert all(g.enabled for g in grown) and not any(r.config.growth.enabled for r in runs if not r.variant.grows)
+    assert all(len(r.config.growth) == 1 for r in runs if r.variant.grows)
+    assert not any(r.config.growth for r in runs if not r.variant.grows)
+    grown = [r.config.growth[0] for r in runs if r.variant.grows]
     assert any(g.noise == pytest.approx(0.2) for g in grown)
     assert {g.optimizer for g in grown} == {"copy", "reset"}
     assert {"continue", "rewarm"} <= {g.schedule for g in grown}
@@ -263,7 +264,7 @@ def test_cpu_study_end_to_end_reuse_and_resume(tiny_data, tmp_path, one_thread):
     for r in (stack, zero):
         assert r["growth_step"] == r["growth_tokens"] // study.tokens_per_step
         assert len(r["growth_flops"]) == 1
-        assert r["config"]["growth"]["op"] == r["variant"]
+        assert r["config"]["growth"][0]["op"] == r["variant"]
         assert r["config"]["model"]["n_layers"] == 2 and r["max_steps"] > scratch["max_steps"]
         if r["reached"]:
             assert r["speedup"] == pytest.approx(scratch["flops_scratch"] / r["flops_to_reach"] - 1)

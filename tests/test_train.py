@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 def write_toml(cfg, path):
     lines = []
     for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            lines.append(f"{k} = {json.dumps(v)}")
+        tables = values if isinstance(values, list) else [values]  # growth: a list of [[growth]] stages
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -216,8 +217,8 @@ def test_a_bad_growth_plan_fails_at_start_not_at_the_event(tiny_data, tmp_path):
     from fastgrow.config import apply_overrides
 
     cfg = tiny_run_config(tiny_data, tmp_path / "g")
-    cfg = apply_overrides(cfg, ["--growth.at_tokens=100000", "--growth.op=partial", "--growth.spec=12-3x"])
-    with pytest.raises(ConfigError, match=r"\[growth\]"):
+    cfg = apply_overrides(cfg, ["--growth.at_tokens=500", "--growth.op=partial", "--growth.spec=12-3x"])
+    with pytest.raises(ConfigError, match=r"growth\[0\]: malformed stacking spec"):
         train(cfg, echo=False)
     assert latest_checkpoint(tmp_path / "g") is None
 

@@ -9,6 +9,8 @@ Layout of a run directory:
         state.json             step, tokens, data cursor, RNG states, schedule, growth history, the run
                                config (what a resume must agree with) and the current model architecture
         tokenizer.json         copy of the run's tokenizer, when known (for export)
+        learn.safetensors      only while G_learn trains its maps: the maps and their Adam state
+                               (state.json "learn" holds the phase's settings and progress)
         manifest.json          written LAST: every file with its size and sha256
 
 A checkpoint is written into `step-N.tmp-<random>`, each file fsynced, the manifest last, then the
@@ -174,6 +176,8 @@ def save_checkpoint(
         weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
+        if state.learn is not None:
+            save_file(state.learn.state_tensors(), str(tmp / "learn.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
             "fastgrow_version": __version__,
@@ -187,6 +191,8 @@ def save_checkpoint(
             "model_config": state.model.cfg.architecture(),
             "rng": _rng_state(),
         }
+        if state.learn is not None:
+            meta["learn"] = state.learn.state_meta()
         write_json_durable(tmp / "state.json", meta)
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -347,6 +353,13 @@ def load_checkpoint(
     opt_path = ckpt / "optimizer.safetensors"
     if opt_path.is_file():
         load_optimizer_tensors(state, load_file(str(opt_path), device=str(dev)))
+    if meta.get("learn") is not None:
+        from fastgrow.grow_learn import LearnPhase
+
+        learn_path = ckpt / "learn.safetensors"
+        if not learn_path.is_file():
+            raise CheckpointError(f"{learn_path}: missing, but state.json records a G_learn phase in progress")
+        state.learn = LearnPhase.restore(state, meta["learn"], load_file(str(learn_path), device=str(dev)))
     if restore_rng and "rng" in meta:
         _set_rng_state(meta["rng"])
     return state

@@ -522,12 +522,13 @@ def plan_from_config(growth: GrowthConfig, model: ModelConfig) -> GrowPlan:
     op = growth.op
     if op == "width":
         depth, factor = "none", 0
-    elif op in DEPTH_OPS and op != "none":
-        depth, factor = op, growth.factor
-        if op in ("stack", "interpolate", "zero", "random") and not (factor or growth.target_layers or growth.spec):
+    elif (op in DEPTH_OPS and op != "none") or op == "learn":
+        # learn: the plan is the copy operator its maps start from (G_stack), see fastgrow.grow_learn.
+        depth, factor = ("stack" if op == "learn" else op), growth.factor
+        if depth in ("stack", "interpolate", "zero", "random") and not (factor or growth.target_layers or growth.spec):
             factor = DEFAULT_FACTOR
     else:
-        raise ValueError(f"growth.op must be one of {[*DEPTH_OPS[1:], 'width']}, got {op!r}")
+        raise ValueError(f"growth.op must be one of {[*DEPTH_OPS[1:], 'width', 'learn']}, got {op!r}")
     return GrowPlan(
         depth=depth,
         factor=factor,

@@ -3,6 +3,7 @@ and offline growth of a checkpoint on disk (`grow_checkpoint`, what `fastgrow gr
 
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
+fastgrow grow IN_CKPT OUT_RUN_DIR --op learn --factor 4 --data DIR [--learn-steps 100] [--learn-lr 1e-2]
 """
 
 from __future__ import annotations
@@ -32,17 +33,9 @@ def grow_checkpoint(
     would (the growth counts as the next stage of the run's growth list). The caller's global RNG state
     is left as it was. Returns the written step directory.
     """
-    from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from fastgrow.checkpoint import load_checkpoint, save_checkpoint
 
-    src = resolve_checkpoint(in_path)
-    out = Path(out_path)
-    if out.resolve() == src.parent.resolve():
-        # save_checkpoint would replace the source's own step-N directory.
-        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
-    existing = latest_checkpoint(out)
-    if existing is not None:
-        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
-        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
+    src, out = checked_paths(in_path, out_path)
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -56,6 +49,23 @@ def grow_checkpoint(
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def checked_paths(in_path: str | Path, out_path: str | Path) -> tuple[Path, Path]:
+    """(the input checkpoint's step directory, the output run directory) of an offline growth, or
+    ValueError when the output is the input's run directory or already holds checkpoints."""
+    from fastgrow.checkpoint import latest_checkpoint, resolve_checkpoint
+
+    src = resolve_checkpoint(in_path)
+    out = Path(out_path)
+    if out.resolve() == src.parent.resolve():
+        # save_checkpoint would replace the source's own step-N directory.
+        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
+    existing = latest_checkpoint(out)
+    if existing is not None:
+        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
+        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
+    return src, out
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
@@ -88,9 +98,15 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     return 0
 
 
+LEARN_KEYS = ("learn_steps", "learn_tokens", "val_loss_before", "val_loss_learn_start", "val_loss_after")
+
+
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
+    learn = args.op == "learn"
+    if not learn and (args.data is not None or args.learn_steps is not None or args.learn_lr is not None):
+        raise ValueError("--data, --learn-steps and --learn-lr apply to --op learn only")
     plan = GrowPlan(
-        depth=args.op,
+        depth="stack" if learn else args.op,  # G_learn's maps start from G_stack
         factor=args.factor,
         target_layers=args.target_layers,
         spec=args.spec,
@@ -109,7 +125,15 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         jump_to_step=args.jump_to_step,
         seed=args.seed,
     )
-    out = grow_checkpoint(args.input, args.output, plan, device=args.device)
+    if learn:
+        from fastgrow.grow_learn import DEFAULT_LEARN_LR, DEFAULT_LEARN_STEPS
+        from fastgrow.grow_learn_run import learn_checkpoint
+
+        steps = DEFAULT_LEARN_STEPS if args.learn_steps is None else args.learn_steps
+        lr = DEFAULT_LEARN_LR if args.learn_lr is None else args.learn_lr
+        out = learn_checkpoint(args.input, args.output, plan, args.data, steps=steps, lr=lr, device=args.device)
+    else:
+        out = grow_checkpoint(args.input, args.output, plan, device=args.device)
     from fastgrow.checkpoint import read_meta
 
     rec = read_meta(out)["growth_history"][-1]
@@ -119,6 +143,7 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
                 "checkpoint": str(out),
                 **{k: rec[k] for k in ("op", "params_before", "params_after")},
                 "layers": len(rec["sources"]),
+                **{k: rec[k] for k in LEARN_KEYS if learn},
             },
             indent=2,
         )
@@ -140,7 +165,9 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grow", help="grow a checkpoint into a new run directory (same grow() as in-run)")
     p.add_argument("input", help="checkpoint step directory, or a run directory (its newest checkpoint)")
     p.add_argument("output", help="run directory to write the grown step-N checkpoint into")
-    p.add_argument("--op", default="stack", choices=DEPTH_OPS, help="depth operator (default stack)")
+    p.add_argument(
+        "--op", default="stack", choices=(*DEPTH_OPS, "learn"), help="depth operator, or learn (G_learn; default stack)"
+    )
     p.add_argument("--factor", type=int, default=0, help="depth growth factor g")
     p.add_argument("--target-layers", type=int, default=0, help="target depth (instead of --factor)")
     p.add_argument("--spec", default="", help="stacking spec, e.g. 1-234*7-56 or 1,2,3,1,2,3")
@@ -158,5 +185,8 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--horizon-steps", type=int, default=None, help="schedule restart: steps to decay over")
     p.add_argument("--jump-to-step", type=int, default=None, help="schedule jump: step of the target's schedule")
     p.add_argument("--seed", type=int, default=None, help="seed of random init / noise (default: run seed)")
+    p.add_argument("--data", default=None, help="op learn: the run's prepared data directory to learn on")
+    p.add_argument("--learn-steps", type=int, default=None, help="op learn: the operator's training steps (100)")
+    p.add_argument("--learn-lr", type=float, default=None, help="op learn: the operator's Adam LR (1e-2)")
     p.add_argument("--device", default="cpu", help="device to grow on (default cpu)")
     p.set_defaults(func=cmd_grow)

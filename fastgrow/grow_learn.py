@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from fastgrow.grow import GrowPlan, ResolvedPlan, grow, resolve_plan
@@ -129,6 +130,8 @@ class LearnPhase:
         self.steps = int(steps)
         self.lr = float(lr)
         self.done = 0
+        # Bookkeeping of the run that owns the phase (stage, start, val loss at step 0, ...), saved with it.
+        self.info: dict[str, Any] = {}
         dev = state.device
         init = width_maps if width_maps is not None else direct_width_maps(r.src, r.dst)
         self.maps = GrowthMaps(r.src, r.dst, r.sources, init).to(dev)
@@ -209,27 +212,26 @@ class LearnPhase:
         self.done += 1
         return loss_mean, gnorm.detach().float(), bad
 
+    def as_model(self) -> nn.Module:
+        """The current expansion as a module with a Transformer's forward(tokens, targets=None), for
+        evaluation: its weights are computed once here (no gradients), no large Transformer is built."""
+        return _Expanded(self)
+
     @torch.no_grad()
     def evaluate(
         self,
         batches: Iterable[Batch],
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> float:
-        """Mean loss of the current expansion on `batches` (eval mode, as the trainer's evaluate)."""
-        with exact_matmuls():
-            params = {**self.expand(), **self.buffers}
-        self.skeleton.eval()
-        total, n = torch.zeros((), device=self.state.device), 0
-        try:
-            for x, y in batches:
-                with autocast():
-                    total += self._loss(params, x, y).float()
-                n += 1
-        finally:
-            self.skeleton.train()
-        if n == 0:
+        """Mean loss of the current expansion on `batches`."""
+        model = self.as_model()
+        losses = []
+        for x, y in batches:
+            with autocast():
+                losses.append(model(x, y).float())
+        if not losses:
             raise ValueError("evaluate needs at least one batch")
-        return (total / n).item()
+        return torch.stack(losses).mean().item()
 
     @torch.no_grad()
     def materialise(self) -> TrainState:
@@ -237,12 +239,15 @@ class LearnPhase:
         operator), its weights replaced by the learned expansion and, for optimizer "copy", its Adam
         moments by the small model's mapped through the learned maps. Its growth record says op "learn"."""
         plan = self.plan
-        grown = grow(self.state, dataclasses.replace(plan, optimizer="reset"))
-        with exact_matmuls():
-            large = self.expand()
-        for name, p in grown.model.named_parameters():
-            p.copy_(large[name])
-        del large
+
+        def write(new_params, old_params, resolved, generator) -> None:
+            with exact_matmuls():
+                large = self.expand()
+            for name, p in new_params.items():
+                p.copy_(large[name])
+
+        grown = grow(self.state, dataclasses.replace(plan, optimizer="reset"), weights=write)
+        grown.learn = None
         if plan.optimizer == "copy":
             self._carry_mapped_moments(grown)
         record = grown.growth_history[-1]
@@ -288,7 +293,7 @@ class LearnPhase:
 
     def state_meta(self) -> dict[str, Any]:
         """JSON-serialisable settings and progress (for a checkpoint); see `restore`."""
-        return {"plan": self.plan.to_dict(), "steps": self.steps, "lr": self.lr, "done": self.done}
+        return {"plan": self.plan.to_dict(), "steps": self.steps, "lr": self.lr, "done": self.done, "info": self.info}
 
     @classmethod
     def restore(cls, state: TrainState, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> LearnPhase:
@@ -314,6 +319,7 @@ class LearnPhase:
         sd["state"] = new_state
         phase.optimizer.load_state_dict(sd)
         phase.done = int(meta["done"])
+        phase.info = dict(meta.get("info", {}))
         return phase
 
 
@@ -341,3 +347,17 @@ def learn_grow(
             micro.append((x.to(dev), y.to(dev)))
         phase.train_step(micro)
     return phase.materialise(), phase
+
+
+class _Expanded(nn.Module):
+    """LearnPhase.as_model: the expansion's weights, frozen, behind a Transformer's forward."""
+
+    def __init__(self, phase: LearnPhase) -> None:
+        super().__init__()
+        self.maps = phase.maps  # registered, so .parameters() (and hence the device) are the maps'
+        with torch.no_grad(), exact_matmuls():
+            self._params = {**phase.expand(), **phase.buffers}
+        self._loss = phase._loss  # a bound method: the meta skeleton stays unregistered
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self._loss(self._params, tokens, targets)

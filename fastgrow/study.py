@@ -10,7 +10,9 @@ widths and `target layers / factor` layers, grown in the run by `fastgrow.grow` 
   with f = `fastgrow.model.flops_per_token(model, seq_len, include_attention=True)` (the convention of the
   `flops` field the trainer logs, which counts each phase at its own size). A grown run trains k_g steps
   at f_base, grows, and then trains round((B - k_g * tokens_per_step * f_base) / (tokens_per_step *
-  f_target)) steps, so its total is B to within half a target step (the exact total is reported).
+  f_target)) steps, so its total is B to within half a target step (the exact total is reported). A
+  G_learn variant's learn steps come between the two phases and cost `learn_flops_per_step` each (the
+  large model's step plus the maps' expansion, fastgrow.grow_learn), deducted from the budget the same way.
 
 Speedup at equal loss, as Du et al. (2024) define it: FLOPs_scratch / FLOPs_grown - 1 at the scratch
 run's final validation loss, on monotone (running-minimum) validation curves interpolated in log-log;
@@ -75,7 +77,7 @@ __all__ = [
 SCRATCH = "scratch"
 BASE = "base"  # a control: the base model trained alone for the whole budget, never grown
 DONE_MARKER = "study_done.json"
-GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random")
+GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "learn")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # Fields that change what a finished run measured although a resume would accept them.
 _REUSE_STRICT = ("train.eval_batches",)
@@ -88,10 +90,11 @@ _REUSE_STRICT = ("train.eval_batches",)
 class Variant:
     """One run of a study. op "scratch" is the target trained from scratch (the reference), "base" the base
     model trained alone for the whole budget (a control: is growing better than not growing?), and the
-    growth ops (stack, interpolate, partial, sources, zero, random) grow the base into the target.
+    growth ops (stack, interpolate, partial, sources, zero, random, learn) grow the base into the target.
 
     timing: "planner", "planner*X", "planner/X", "XD" (fraction of the scratch token budget) or tokens.
     rewarm_steps: for schedule "rewarm" (0: the run's train.warmup_steps).
+    learn_steps / learn_lr: for op "learn" (None: G_learn's defaults).
     """
 
     name: str
@@ -102,6 +105,8 @@ class Variant:
     optimizer: str = "copy"
     schedule: str = "continue"
     rewarm_steps: int = 0
+    learn_steps: int | None = None  # op learn: the operator's training steps (None: its default, 100)
+    learn_lr: float | None = None  # op learn: its LR (None: its default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -128,6 +133,8 @@ class Variant:
                     schedule=self.schedule,
                     # 0 means "the run's warmup", resolved later
                     rewarm_steps=max(1, self.rewarm_steps) if self.schedule == "rewarm" else self.rewarm_steps,
+                    learn_steps=self.learn_steps,
+                    learn_lr=self.learn_lr,
                 )
             except ConfigError as e:
                 raise ConfigError(f"variant {self.name}: {e}") from None
@@ -191,7 +198,7 @@ _STUDY_KEYS = {"name", "factor", "prepare", "keep_checkpoints"}
 def load_study(path: str | Path) -> StudyConfig:
     """Read a study TOML: `[study]` (name, factor, optional `[study.prepare]` source/vocab_size/max_bytes),
     the target run's `[model]`, `[data]`, `[train]` (and optional top-level `preset`), and `[[variant]]`
-    tables (name, op, timing, spec, noise, optimizer, schedule, rewarm_steps)."""
+    tables (name, op, timing, spec, noise, optimizer, schedule, rewarm_steps, learn_steps, learn_lr)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"study config not found: {p}")
@@ -303,21 +310,29 @@ def resolve_timing(
 
 
 def equal_flops_steps(
-    budget_flops: float, flops_small: float, flops_large: float, growth_steps: int, tokens_per_step: int
+    budget_flops: float,
+    flops_small: float,
+    flops_large: float,
+    growth_steps: int,
+    tokens_per_step: int,
+    learn_steps: int = 0,
+    learn_flops: float = 0.0,
 ) -> int:
-    """Total steps of a grown run (growth_steps at flops_small per token, the rest at flops_large) whose
-    training FLOPs come closest to budget_flops. ValueError when the small phase alone uses it up."""
+    """Total steps of a grown run (growth_steps at flops_small per token, then learn_steps of an
+    operator's training costing learn_flops in all (G_learn; 0 otherwise), the rest at flops_large) whose
+    training FLOPs come closest to budget_flops. ValueError when the phases before the grown model use it up."""
     if min(budget_flops, flops_small, flops_large) <= 0 or tokens_per_step <= 0 or growth_steps < 1:
         raise ValueError("budget, FLOPs per token, tokens per step and growth steps must be positive")
-    small = growth_steps * tokens_per_step * flops_small
+    small = growth_steps * tokens_per_step * flops_small + learn_flops
     left = budget_flops - small
     large_steps = round(left / (tokens_per_step * flops_large))
     if large_steps < 1:
+        what = "the small phase and the operator's training cost" if learn_steps else "the small phase costs"
         raise ValueError(
-            f"growing after {growth_steps} steps leaves no FLOPs for the grown model (the small phase costs "
-            f"{small:.4g} of the {budget_flops:.4g} budget); grow earlier"
+            f"growing after {growth_steps} steps leaves no FLOPs for the grown model ({what} {small:.4g} of "
+            f"the {budget_flops:.4g} budget); grow earlier"
         )
-    return growth_steps + large_steps
+    return growth_steps + learn_steps + large_steps
 
 
 @dataclass(frozen=True)
@@ -352,6 +367,7 @@ class PlannedRun:
 def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
     """Every run's RunConfig: scratch first, then the variants in file order (validates everything)."""
     from fastgrow.grow import plan_from_config, resolve_plan
+    from fastgrow.grow_learn import DEFAULT_LEARN_STEPS, learn_flops_per_step
     from fastgrow.model import flops_per_token
 
     out = Path(out_dir)
@@ -379,8 +395,11 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
             v.timing, planner=planner, budget_tokens=study.budget_tokens, tokens_per_step=tps, name=v.name
         )
         k = at // tps
+        # G_learn: its learn steps are steps of the run, each costing a large step plus the maps' expansion.
+        n_learn = (v.learn_steps or DEFAULT_LEARN_STEPS) if v.op == "learn" else 0
+        learn_flops = n_learn * learn_flops_per_step(study.base, t.model, t.data.seq_len, tps) if n_learn else 0.0
         try:
-            steps = equal_flops_steps(budget, f_small, f_large, k, tps)
+            steps = equal_flops_steps(budget, f_small, f_large, k, tps, n_learn, learn_flops)
         except ValueError as e:
             raise ConfigError(f"variant {v.name} (timing {v.timing!r} = {at:,} tokens): {e}") from None
         growth = GrowthConfig(
@@ -392,6 +411,8 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
             optimizer=v.optimizer,
             schedule=v.schedule,
             rewarm_steps=(v.rewarm_steps or t.train.warmup_steps) if v.schedule == "rewarm" else v.rewarm_steps,
+            learn_steps=v.learn_steps,
+            learn_lr=v.learn_lr,
         )
         try:
             dst = resolve_plan(plan_from_config(growth, study.base), study.base).dst
@@ -408,7 +429,7 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
             train=dataclasses.replace(t.train, max_steps=steps, out_dir=str(run_dir)),
             growth=(growth,),
         )
-        flops = k * tps * f_small + (steps - k) * tps * f_large
+        flops = k * tps * f_small + learn_flops + (steps - k - n_learn) * tps * f_large
         runs.append(PlannedRun(v, cfg, run_dir, at, k, steps, flops, budget))
     return runs
 
@@ -703,6 +724,8 @@ def _table_row(r: dict[str, Any], budget_tokens: int) -> list[str]:
     g = (r["config"]["growth"] or [{"spec": "", "noise": 0.0, "schedule": "", "optimizer": ""}])[0]
     grows = r["op"] in GROWTH_OPS
     op = r["op"] + (f" `{g['spec']}`" if grows and g["spec"] else "") + (f" noise {g['noise']:g}" if g["noise"] else "")
+    if g.get("learn_steps"):
+        op += f" {g['learn_steps']} steps"
     sched = g["schedule"] + (f" {g['rewarm_steps']}" if g["schedule"] == "rewarm" else "")
     if "flops_to_reach" not in r:
         speed = "—"

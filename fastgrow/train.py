@@ -22,7 +22,7 @@ import torch
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgrow.config import ConfigError, RunConfig
-from fastgrow.grow_event import GrowthContext, run_growth_event
+from fastgrow.grow_event import GrowthContext, GrowthPaused, flops_so_far, run_growth_event
 from fastgrow.loader import BatchLoader, TokenData
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
@@ -263,12 +263,18 @@ class _Runner:
         pbar = self._progress_bar()
         try:
             with _SigtermFlag() as sigterm:
+                self.sigterm = sigterm
                 while self.state.step < self.stop:
                     due = _due_stage(self.state, self.growth_at)
                     if due is not None:
-                        while due is not None:  # stages whose token counts fall within one step
-                            self._grow(log, due, pbar)
-                            due = _due_stage(self.state, self.growth_at)
+                        try:
+                            while due is not None:  # stages whose token counts fall within one step
+                                self._grow(log, due, pbar)
+                                due = _due_stage(self.state, self.growth_at)
+                        except GrowthPaused:  # stopped inside G_learn's training: checkpointed below
+                            consec_bad.fill_(float(self.state.bad_steps))
+                            interrupted = sigterm.hit
+                            break
                         window_loss.zero_()
                         window_bad.zero_()
                         window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
@@ -372,13 +378,7 @@ class _Runner:
 
     def _flops_so_far(self) -> float:
         """Training FLOPs spent so far, counting each phase (before/after growth) at its own size."""
-        state = self.state
-        done = 0.0
-        tokens_before = 0
-        for g in state.growth_history:
-            done += g.get("flops_per_token_before", 0.0) * (g["tokens"] - tokens_before)
-            tokens_before = g["tokens"]
-        return done + self.flops_tok * (state.tokens - tokens_before)
+        return flops_so_far(self.state.growth_history, self.state.tokens, self.flops_tok)
 
     def _emit(self, log: MetricsLog, rec: dict[str, Any], pbar) -> None:
         self.records.append(rec)
@@ -424,6 +424,11 @@ class _Runner:
             loader=self.loader,
             evaluate=lambda st: evaluate(st, self.val_batches, self.cfg),
             device=self.device,
+            autocast=lambda: _autocast(self.cfg, self.device),
+            save=lambda: self._save(torch.full((), float(self.state.bad_steps))),
+            should_stop=lambda step: step >= self.stop or self.sigterm.hit,
+            emit=lambda r: self._emit(log, r, pbar),
+            progress=pbar.update if pbar is not None else None,
         )
         self.state, event = run_growth_event(before, ctx)
         self._setup_model()
@@ -444,6 +449,7 @@ class _Runner:
             "tokens_per_s_before": tps_before,
             "mfu_before": mfu(flops_tok_before, tps_before, self.peak) if tps_before else None,
         }
+        rec.update({k: v for k, v in event.items() if k not in rec})  # an operator's own keys (G_learn's)
         self._emit(log, rec, pbar)
         if self.echo and pbar is None:
             print(f"[growth] {_growth_line(rec)}", file=sys.stderr)

@@ -9,6 +9,7 @@ fastgrow grow IN_CKPT OUT_RUN_DIR --op learn --factor 4 --data DIR [--learn-step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -33,22 +34,37 @@ def grow_checkpoint(
     would (the growth counts as the next stage of the run's growth list). The caller's global RNG state
     is left as it was. Returns the written step directory.
     """
-    from fastgrow.checkpoint import load_checkpoint, save_checkpoint
+    from fastgrow.checkpoint import load_checkpoint
 
     src, out = checked_paths(in_path, out_path)
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
+    with caller_rng_kept():
         # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
         state = load_checkpoint(src, device, restore_rng=True)
         grown = grow(state, plan)
         grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
-        tok = src / "tokenizer.json"
-        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+        return save_grown(grown, src, out, keep)
+
+
+@contextlib.contextmanager
+def caller_rng_kept():
+    """Restore the caller's global CPU (and CUDA) RNG states on exit: an offline growth loads a
+    checkpoint's RNG state into the process so that the grown checkpoint carries it."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def save_grown(grown, src: Path, out: Path, keep: int) -> Path:
+    """Save an offline-grown state into run directory `out`, with the source checkpoint's tokenizer."""
+    from fastgrow.checkpoint import save_checkpoint
+
+    tok = src / "tokenizer.json"
+    return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
 
 
 def checked_paths(in_path: str | Path, out_path: str | Path) -> tuple[Path, Path]:

@@ -190,16 +190,14 @@ def learn_checkpoint(
     save the grown state into out_path, as a run that grew by G_learn at that step would have it (step,
     tokens and cursor advanced by the learn steps, the growth record with val_loss_before / after on
     the run's validation batches). Returns the written step directory."""
-    from fastgrow.checkpoint import load_checkpoint, save_checkpoint
-    from fastgrow.grow_cli import checked_paths  # the same input / output checks as `fastgrow grow`
+    from fastgrow.checkpoint import load_checkpoint
+    from fastgrow.grow_cli import caller_rng_kept, checked_paths, save_grown  # as `fastgrow grow`
     from fastgrow.loader import BatchLoader, TokenData
 
     if data_dir is None:
         raise ValueError("fastgrow grow --op learn needs --data DIR: G_learn trains its maps on the training data")
     src, out = checked_paths(in_path, out_path)
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
+    with caller_rng_kept():
         state = load_checkpoint(src, device, restore_rng=True)
         if state.learn is not None:
             raise ValueError(f"{src} was saved during a G_learn phase: resume that run to finish it")
@@ -226,9 +224,4 @@ def learn_checkpoint(
         grown = run_learn(state, ctx, plan, steps, lr)
         grown.growth_history[-1].update(val_loss_before=before, val_loss_after=ctx.evaluate(grown))
         grown.cursor = loader.state_dict()
-        tok = src / "tokenizer.json"
-        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
-    finally:
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        return save_grown(grown, src, out, keep)

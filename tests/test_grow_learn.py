@@ -360,3 +360,50 @@ def test_save_and_restore_mid_learning_is_bitwise(pattern_state, tmp_path):
 def test_bad_learn_settings_raise(state, plan, kw, err):
     with pytest.raises(ValueError, match=err):
         LearnPhase(state, plan, **kw)
+
+
+@pytest.mark.gpu
+def test_on_gpu_step0_is_exact_and_a_learn_step_needs_less_memory_than_training():
+    """On CUDA (TF32 off for the expansion): learn step 0 is G_stack + width direct bit for bit, and the
+    peak memory of a bf16 learn step (small state + maps) is below a training step of the grown model."""
+    from fastgrow.grow_learn_maps import exact_matmuls
+    from fastgrow.optim import set_lr
+    from fastgrow.state import build_state
+
+    dev = torch.device("cuda")
+    cfg = tiny_run(vocab_size=4096, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=688, max_seq_len=512)
+    st = build_state(cfg, device=dev)
+    x = torch.randint(0, 4096, (8, 512), device=dev)
+    y = torch.roll(x, -1, 1)
+    amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    with amp():
+        st.model(x, y).backward()
+    st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    plan = GrowPlan("stack", factor=4, target_dim=512, target_ffn_dim=1376)
+    phase = LearnPhase(st, plan, steps=3)
+    with exact_matmuls():
+        out = phase.expand()
+    ref = grow(st, plan)
+    for n, p in ref.model.named_parameters():
+        assert torch.equal(out[n], p), n
+    del out, ref
+    phase.train_step([(x, y)], amp)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    phase.train_step([(x, y)], amp)
+    torch.cuda.synchronize()
+    learn_peak = torch.cuda.max_memory_allocated()
+    grown = phase.materialise()
+    del phase, st
+    for _ in range(2):  # the first step allocates the Adam state, the second is measured
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        set_lr(grown.optimizer, 1e-4)
+        with amp():
+            grown.model(x, y).backward()
+        grown.optimizer.step()
+        grown.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    train_peak = torch.cuda.max_memory_allocated()
+    assert learn_peak < train_peak, (learn_peak, train_peak)

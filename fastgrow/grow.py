@@ -27,6 +27,8 @@ depth (see fastgrow.grow_depth for the spec notation)
 noise a: every weight matrix of a copied block becomes (1-a) W + a eps, eps ~ N(0, init_std(name)) of
     the target model; norm gains, embeddings and the head get no noise (paper: a = 0.2 helps slightly).
 width (see fastgrow.grow_width): direct | zero | random over dim (more heads, head dim kept), ffn_dim.
+learned (growth.op = "learn", fastgrow.grow_learn): G_learn / LiGO maps start at stack + width direct, are
+    trained on the training stream, then written through grow(weights=) below.
 
 Moments: a copied layer carries its exp_avg / exp_avg_sq / step; width `direct` scales them by the
 gradient scale s and s^2 (grow_width); new blocks and new width entries start at zero moments with the

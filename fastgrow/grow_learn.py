@@ -57,6 +57,7 @@ from fastgrow.grow_learn_maps import (
     expansion_flops,
     map_moments,
 )
+from fastgrow.grow_width import axis_sizes
 from fastgrow.model import Transformer, flops_per_token
 from fastgrow.state import TrainState
 
@@ -89,7 +90,19 @@ def resolve_learn_plan(plan: GrowPlan, cfg) -> ResolvedPlan:
         raise ValueError(f"G_learn's width maps start from width 'direct', not {plan.width!r}")
     if plan.noise:
         raise ValueError("G_learn takes no noise (its maps are learned from the copy operator exactly)")
-    return resolve_plan(plan, cfg)
+    try:
+        return resolve_plan(plan, cfg)
+    except ValueError as e:
+        try:  # does the plan fail only because width direct needs integer multiples?
+            r = resolve_plan(dataclasses.replace(plan, width="zero"), cfg)
+        except ValueError:
+            raise e from None
+        old, new = axis_sizes(r.src), axis_sizes(r.dst)
+        bad = ", ".join(f"{a} {old[a]} -> {new[a]}" for a in old if new[a] % old[a])
+        raise ValueError(
+            f"G_learn's width maps start from width direct, which needs every width to grow by an integer "
+            f"multiple, not {bad} (choose target_dim / target_ffn_dim / target_heads as multiples)"
+        ) from None
 
 
 def learn_flops_per_step(src, dst, seq_len: int, tokens_per_step: int) -> float:

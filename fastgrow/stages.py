@@ -12,6 +12,7 @@ import math
 
 from fastgrow.config import ConfigError, GrowthConfig, ModelConfig, RunConfig
 from fastgrow.grow import plan_from_config, resolve_plan
+from fastgrow.grow_learn import DEFAULT_LEARN_STEPS, resolve_learn_plan
 from fastgrow.plan import auto_growth_tokens
 
 
@@ -26,7 +27,8 @@ def stage_targets(run: RunConfig, model: ModelConfig | None = None, start: int =
     out = []
     for i in range(start, len(run.growth)):
         try:
-            cur = resolve_plan(plan_from_config(run.growth[i], cur), cur).dst
+            resolve = resolve_learn_plan if run.growth[i].op == "learn" else resolve_plan
+            cur = resolve(plan_from_config(run.growth[i], cur), cur).dst
         except ValueError as e:
             raise ConfigError(f"growth[{i}]: {e}") from None
         out.append(cur)
@@ -77,8 +79,4 @@ def check_stages(run: RunConfig, model: ModelConfig, done: int = 0) -> list[int]
 
 def learn_steps(g: GrowthConfig) -> int:
     """The steps a stage spends training its operator before the grown model exists (op learn), else 0."""
-    if g.op != "learn":
-        return 0
-    from fastgrow.grow_learn import DEFAULT_LEARN_STEPS
-
-    return g.learn_steps or DEFAULT_LEARN_STEPS
+    return (g.learn_steps or DEFAULT_LEARN_STEPS) if g.op == "learn" else 0

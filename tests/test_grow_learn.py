@@ -352,7 +352,11 @@ def test_save_and_restore_mid_learning_is_bitwise(pattern_state, tmp_path):
         (GrowPlan("zero", factor=2), {}, "starts from a copy operator"),
         (GrowPlan("stack", factor=2, width="zero", target_dim=64), {}, "width 'direct'"),
         (GrowPlan("stack", factor=2, noise=0.2), {}, "no noise"),
-        (GrowPlan("none", target_dim=48), {}, "integer multiples"),  # 4 -> 6 heads: no direct map
+        (
+            GrowPlan("none", target_dim=48),
+            {},
+            "needs every width to grow by an integer multiple, not resid 32 -> 48",
+        ),  # 4 -> 6 heads: no direct map
         (GrowPlan("none", target_dim=36), {}, "not divisible by the head dim"),
         (GrowPlan("none", target_dim=40), {}, "multiple of the GQA group size"),
     ],

@@ -159,7 +159,10 @@ def test_offline_learn_matches_in_run_learning(tokens, tmp_path, straight, capsy
     [
         ({"learn_steps": 0}, r"growth\[0\]\.learn_steps must be an integer >= 1"),
         ({"learn_lr": -1.0}, r"growth\[0\]\.learn_lr must be > 0"),
-        ({"target_dim": 48}, r"growth\[0\]: direct width growth needs integer multiples"),  # 4 -> 6 heads
+        (
+            {"target_dim": 48},
+            r"growth\[0\]: G_learn's width maps start from width direct, .* not resid 32 -> 48",
+        ),  # 4 -> 6 heads
         ({"target_dim": 36}, r"growth\[0\]: target width 36 is not divisible by the head dim 8"),
         (
             {"target_dim": 64, "width_op": "zero"},

@@ -264,9 +264,9 @@ def test_learning_lowers_the_loss_below_g_stack(pattern_state):
     plan = GrowPlan("stack", factor=2)
     val = _pattern_batches(61, 99, 4)
     stack_loss = _val_loss(grow(pattern_state, plan).model, val)
-    phase = LearnPhase(pattern_state, plan, steps=15, lr=3e-2)
+    phase = LearnPhase(pattern_state, plan, steps=8, lr=3e-2)
     assert phase.evaluate(val) == pytest.approx(stack_loss, abs=1e-6)  # step 0 is G_stack
-    for x, y in _pattern_batches(61, 1, 15):
+    for x, y in _pattern_batches(61, 1, 8):
         loss, gnorm, bad = phase.train_step([(x, y)])
         assert torch.isfinite(loss) and not bool(bad)
     learned = phase.materialise()
@@ -274,7 +274,7 @@ def test_learning_lowers_the_loss_below_g_stack(pattern_state):
     assert learn_loss < stack_loss - 0.01, (learn_loss, stack_loss)
     assert phase.evaluate(val) == pytest.approx(learn_loss, abs=1e-5)
     rec = learned.growth_history[-1]
-    assert rec["learn_steps"] == 15 and rec["op"] == "learn"
+    assert rec["learn_steps"] == 8 and rec["op"] == "learn"
     # The small state is untouched and the maps moved from their one-hot start.
     assert pattern_state.model.cfg.n_layers == 2
     assert not torch.equal(

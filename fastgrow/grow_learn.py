@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from fastgrow.config import ModelConfig
 from fastgrow.grow import GrowPlan, ResolvedPlan, grow, resolve_plan
 from fastgrow.grow_learn_maps import (
     AxisMap,
@@ -80,7 +81,7 @@ LEARN_DEPTH_OPS = ("stack", "interpolate", "partial", "sources", "none")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def resolve_learn_plan(plan: GrowPlan, cfg) -> ResolvedPlan:
+def resolve_learn_plan(plan: GrowPlan, cfg: ModelConfig) -> ResolvedPlan:
     """Check that `plan` can initialise a learned operator and resolve it (ValueError otherwise)."""
     if plan.depth not in LEARN_DEPTH_OPS:
         raise ValueError(
@@ -105,7 +106,7 @@ def resolve_learn_plan(plan: GrowPlan, cfg) -> ResolvedPlan:
         ) from None
 
 
-def learn_flops_per_step(src, dst, seq_len: int, tokens_per_step: int) -> float:
+def learn_flops_per_step(src: ModelConfig, dst: ModelConfig, seq_len: int, tokens_per_step: int) -> float:
     """Training FLOPs of one learn step: the large model's forward + backward on the step's tokens (the
     trainer's flops_per_token convention) plus the expansion's forward and backward."""
     fwd, bwd = expansion_flops(src, dst)
@@ -122,7 +123,7 @@ def _check_settings(steps: int, lr: float) -> None:
 class LearnPhase:
     """The operator's training over a frozen small TrainState (see the module doc).
 
-    state: the small model's TrainState (never modified); plan: the copy operator the maps start from
+    state: the small model's TrainState (the phase reads it, never writes it); plan: the copy operator the maps start from
     (its optimizer/schedule policies apply at `materialise`); width_maps: initial per-axis maps (default
     `direct_width_maps`, i.e. width direct). `done` counts the learn steps taken.
     """
@@ -195,7 +196,6 @@ class LearnPhase:
         if self.finished:
             raise RuntimeError(f"the operator has already taken its {self.steps} learn steps")
         dev = self.state.device
-        self.maps.train()
         large = self.expand()
         leaves = {n: t.detach().requires_grad_(True) for n, t in large.items()}
         params = {**leaves, **self.buffers}

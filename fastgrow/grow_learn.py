@@ -123,9 +123,9 @@ def _check_settings(steps: int, lr: float) -> None:
 class LearnPhase:
     """The operator's training over a frozen small TrainState (see the module doc).
 
-    state: the small model's TrainState (the phase reads it, never writes it); plan: the copy operator the maps start from
-    (its optimizer/schedule policies apply at `materialise`); width_maps: initial per-axis maps (default
-    `direct_width_maps`, i.e. width direct). `done` counts the learn steps taken.
+    state: the small model's TrainState (the phase reads it, never writes it); plan: the copy operator
+    the maps start from (its optimizer/schedule policies apply at `materialise`); width_maps: initial
+    per-axis maps (default `direct_width_maps`, i.e. width direct). `done` counts the learn steps taken.
     """
 
     def __init__(

@@ -51,8 +51,8 @@ from torch.func import functional_call
 from fastgrow.config import ModelConfig
 from fastgrow.grow import GrowPlan, ResolvedPlan, grow, resolve_plan
 from fastgrow.grow_learn_maps import (
-    AxisMap,
     GrowthMaps,
+    SideMap,
     direct_width_maps,
     exact_matmuls,
     expansion_flops,
@@ -135,7 +135,7 @@ class LearnPhase:
         *,
         steps: int = DEFAULT_LEARN_STEPS,
         lr: float = DEFAULT_LEARN_LR,
-        width_maps: Mapping[tuple[str, str], AxisMap] | None = None,
+        width_maps: Mapping[tuple[str, str], SideMap] | None = None,
     ) -> None:
         _check_settings(steps, lr)
         self.resolved = resolve_learn_plan(plan, state.model.cfg)

@@ -54,7 +54,7 @@ from fastgrow.grow_width import axis_sizes
 __all__ = [
     "AXIS_SIDES",
     "DEPTH_KINDS",
-    "AxisMap",
+    "SideMap",
     "GrowthMaps",
     "direct_width_maps",
     "exact_matmuls",
@@ -80,7 +80,7 @@ _HEAD_AXES = ("q", "kv")
 
 
 @dataclass(frozen=True)
-class AxisMap:
+class SideMap:
     """One side of one width axis as a linear map: x_new = (matrix @ x_old) / div.
 
     matrix: [new, old] float; div: [new] or None (no division). For the q and kv axes, channel level
@@ -103,7 +103,7 @@ def _tile(new: int, old: int) -> torch.Tensor:
     return (torch.arange(new)[:, None] % old == torch.arange(old)[None, :]).float()
 
 
-def direct_width_maps(src: ModelConfig, dst: ModelConfig) -> dict[tuple[str, str], AxisMap]:
+def direct_width_maps(src: ModelConfig, dst: ModelConfig) -> dict[tuple[str, str], SideMap]:
     """Width `direct` (fastgrow.grow_width) as explicit channel-level maps per (axis, side).
 
     write: tile E (a tensor whose output is on the axis copies channel j' mod old into channel j');
@@ -111,15 +111,15 @@ def direct_width_maps(src: ModelConfig, dst: ModelConfig) -> dict[tuple[str, str
     Axes that keep their size get the identity.
     """
     old, new = axis_sizes(src), axis_sizes(dst)
-    out: dict[tuple[str, str], AxisMap] = {}
+    out: dict[tuple[str, str], SideMap] = {}
     for axis, side in AXIS_SIDES:
         e = _tile(new[axis], old[axis])
         r = new[axis] // old[axis]
-        out[(axis, side)] = AxisMap(e, torch.full((new[axis],), float(r)) if side == "read" and r != 1 else None)
+        out[(axis, side)] = SideMap(e, torch.full((new[axis],), float(r)) if side == "read" and r != 1 else None)
     return out
 
 
-def head_level(m: AxisMap, head_dim: int, what: str = "map") -> AxisMap:
+def head_level(m: SideMap, head_dim: int, what: str = "map") -> SideMap:
     """Reduce a channel-level q/kv map to head level: matrix must be kron(M, I_head_dim) and div constant
     within each head (else ValueError: such a map mixes channels inside a head and would break RoPE)."""
     mat = m.matrix
@@ -135,7 +135,7 @@ def head_level(m: AxisMap, head_dim: int, what: str = "map") -> AxisMap:
         if not torch.equal(d, d[:, :1].expand_as(d)):
             raise ValueError(f"{what}: the divisor of a q/k/v width map must be constant within a head")
         div = d[:, 0].clone()
-    return AxisMap(heads.clone(), div)
+    return SideMap(heads.clone(), div)
 
 
 def _one_hot_sources(sources: Sequence[int], n_src: int) -> torch.Tensor:
@@ -171,7 +171,7 @@ class GrowthMaps(nn.Module):
         src: ModelConfig,
         dst: ModelConfig,
         sources: Sequence[int],
-        width: Mapping[tuple[str, str], AxisMap],
+        width: Mapping[tuple[str, str], SideMap],
     ) -> None:
         super().__init__()
         if len(sources) != dst.n_layers:
@@ -319,7 +319,7 @@ def map_moments(maps: GrowthMaps, moments: Mapping[str, torch.Tensor], kind: str
     gmaps = {}
     for axis, side in AXIS_SIDES:
         m, div = maps.width_map(axis, side)
-        p = torch.linalg.pinv(AxisMap(m, div).dense()).t()  # float64: the pseudo-inverse of a 0/1 tile is E^T / r
+        p = torch.linalg.pinv(SideMap(m, div).dense()).t()  # float64: the pseudo-inverse of a 0/1 tile is E^T / r
         gmaps[(axis, side)] = ((p * p) if square else p).to(m.dtype), None
     depth = {k: (c * c if square else c).detach() for k, c in maps.depth.items()}
     with exact_matmuls():

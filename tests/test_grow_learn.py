@@ -20,8 +20,8 @@ from fastgrow.grow import GrowPlan, grow, resolve_plan
 from fastgrow.grow_learn import LearnPhase, learn_flops_per_step, learn_grow
 from fastgrow.grow_learn_maps import (
     AXIS_SIDES,
-    AxisMap,
     GrowthMaps,
+    SideMap,
     direct_width_maps,
     expansion_flops,
     head_level,
@@ -154,8 +154,8 @@ def test_initial_width_maps_are_an_input(state):
     r = resolve_plan(plan, state.model.cfg)
     init = direct_width_maps(r.src, r.dst)
     g = torch.Generator().manual_seed(1)
-    init[("resid", "write")] = AxisMap(torch.randn(64, 32, generator=g))
-    init[("q", "read")] = AxisMap(torch.kron(torch.randn(8, 4, generator=g), torch.eye(8)), torch.full((64,), 4.0))
+    init[("resid", "write")] = SideMap(torch.randn(64, 32, generator=g))
+    init[("q", "read")] = SideMap(torch.kron(torch.randn(8, 4, generator=g), torch.eye(8)), torch.full((64,), 4.0))
     maps = GrowthMaps(r.src, r.dst, r.sources, init)
     out = maps.expand(_small(state))
     ref = oracle_expand(maps, _small(state))
@@ -170,13 +170,13 @@ def test_q_k_maps_must_act_on_whole_heads(state):
     init = direct_width_maps(r.src, r.dst)
     m = init[("q", "write")].matrix.clone()
     m[0, 1] = 0.5  # mixes channel 1 into channel 0 of the same head: RoPE would rotate it wrongly
-    init[("q", "write")] = AxisMap(m)
+    init[("q", "write")] = SideMap(m)
     with pytest.raises(ValueError, match="whole heads"):
         GrowthMaps(r.src, r.dst, r.sources, init)
     with pytest.raises(ValueError, match="constant within a head"):
-        head_level(AxisMap(torch.eye(16), torch.arange(1.0, 17.0)), 8)
+        head_level(SideMap(torch.eye(16), torch.arange(1.0, 17.0)), 8)
     with pytest.raises(ValueError, match="shape"):
-        GrowthMaps(r.src, r.dst, r.sources, {**direct_width_maps(r.src, r.dst), ("ffn", "read"): AxisMap(torch.eye(3))})
+        GrowthMaps(r.src, r.dst, r.sources, {**direct_width_maps(r.src, r.dst), ("ffn", "read"): SideMap(torch.eye(3))})
 
 
 @pytest.mark.parametrize("plan", [PLANS[0], PLANS[1], PLANS[4]])

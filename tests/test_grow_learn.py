@@ -411,3 +411,17 @@ def test_on_gpu_step0_is_exact_and_a_learn_step_needs_less_memory_than_training(
         torch.cuda.synchronize()
     train_peak = torch.cuda.max_memory_allocated()
     assert learn_peak < train_peak, (learn_peak, train_peak)
+
+
+def test_micro_batches_accumulate_like_one_batch(pattern_state):
+    """A step over two micro-batches (gradients accumulated into the expansion once) moves the maps as
+    one step over their concatenation (equal-size batches: the mean of means is the mean)."""
+    plan = GrowPlan("stack", factor=2, target_ffn_dim=80)
+    (x1, y1), (x2, y2) = _pattern_batches(61, 4, 2)
+    split, joint = LearnPhase(pattern_state, plan, steps=1), LearnPhase(pattern_state, plan, steps=1)
+    loss_a, gnorm_a, _ = split.train_step([(x1, y1), (x2, y2)])
+    loss_b, gnorm_b, _ = joint.train_step([(torch.cat([x1, x2]), torch.cat([y1, y2]))])
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gnorm_a, gnorm_b, rtol=1e-5, atol=1e-7)
+    for (n, p), (_, q) in zip(split.maps.named_parameters(), joint.maps.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)

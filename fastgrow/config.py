@@ -82,9 +82,14 @@ class ModelConfig:
     kernel_impl: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"model.{name} must be a positive integer, got {v!r}")
+        # 0 layers is a model too: embeddings, final norm and head (a base that growth fills with layers).
+        _check(
+            isinstance(self.n_layers, int) and self.n_layers >= 0,
+            f"model.n_layers must be a non-negative integer, got {self.n_layers!r}",
+        )
         _check(
             self.dim % self.n_heads == 0,
             f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})",

@@ -24,16 +24,23 @@ depth (see fastgrow.grow_depth for the spec notation)
     random       new blocks freshly initialised from `Transformer.init_std(name)` of the target model
                  (whose wo/w2 std depends on the target depth); same placement as zero.
     none         no depth change (width growth only)
+    A 0-layer model (embeddings, final norm and head) grows with zero or random (every layer new); a
+    1-layer model with any operator (stack copies its one layer everywhere).
 noise a: every weight matrix of a copied block becomes (1-a) W + a eps, eps ~ N(0, init_std(name)) of
     the target model; norm gains, embeddings and the head get no noise (paper: a = 0.2 helps slightly).
-width (see fastgrow.grow_width): direct | zero | random over dim (more heads, head dim kept), ffn_dim.
+width (see fastgrow.grow_width): over dim (more heads, head dim kept) and ffn_dim
+    direct       function preserving: units duplicated, the weights reading them split unevenly
+                 between the copies so the copies diverge in training (dim: integer ratios; ffn: any)
+    zero         function preserving: new units' outputs zero, everything they read random (any ratio)
+    random       old block kept, new entries random (the function changes; any ratio)
 learned (growth.op = "learn", fastgrow.grow_learn): G_learn / LiGO maps start at stack + width direct, are
     trained on the training stream, then written through grow(weights=) below.
 
 Moments: a copied layer carries its exp_avg / exp_avg_sq / step; width `direct` scales them by the
-gradient scale s and s^2 (grow_width); new blocks and new width entries start at zero moments with the
-common step. Random draws use a torch.Generator on the device seeded from (run seed, step, stage), so a
-growth is reproducible and leaves the global RNG alone.
+gradient share g of each unit's copy, m*g and v*g^2 (grow_width: Staged Training's m/2, v/4 for an even
+split); new blocks and new width entries start at zero moments with the common step. Random draws use
+a torch.Generator on the device seeded from (run seed, step, stage), so a growth is reproducible and
+leaves the global RNG alone.
 
 Policies: optimizer copy | reset (a fresh AdamW, step 0). Schedule (fastgrow.optim.LRSchedule):
     continue  the run's schedule goes on unchanged
@@ -236,6 +243,10 @@ def resolve_plan(plan: GrowPlan, cfg: ModelConfig) -> ResolvedPlan:
         sources = depth_sources(plan.depth, L, plan.target_layers, plan.factor, plan.spec)
     dim, heads, kv, ffn = _target_widths(plan, cfg)
     dst = dataclasses.replace(cfg, n_layers=len(sources), dim=dim, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn)
+    if plan.width == "zero" and dim != cfg.dim:
+        # The residual stream becomes [x, 0]: with the gains * sqrt(dim/dim') (grow_width) an eps scaled
+        # by dim/dim' keeps RMSNorm's output on the old channels exact, eps included.
+        dst = dataclasses.replace(dst, norm_eps=cfg.norm_eps * cfg.dim / dim)
     width = WidthMap.between(plan.width, cfg, dst)
     if plan.width == "direct":
         check_direct(cfg, dst)

@@ -2,6 +2,7 @@
 and offline growth of a checkpoint on disk (`grow_checkpoint`, what `fastgrow grow` runs).
 
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
+fastgrow plan --preset 410M --tokens 100B --stages 2 [--grow depth|width|alternate]   # Staged Training
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
 fastgrow grow IN_CKPT OUT_RUN_DIR --op learn --factor 4 --data DIR [--learn-steps 100] [--learn-lr 1e-2]
 """
@@ -89,6 +90,8 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
 
     if args.params is None and args.preset is None:
         raise ValueError("fastgrow plan needs --params N or --preset NAME")
+    if args.stages:
+        return _cmd_plan_stages(args)
     plan = plan_growth(args.params, args.tokens, factor=args.factor, preset=args.preset, layers=args.layers)
     d = plan.to_dict()
     if args.json:
@@ -96,6 +99,7 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         return 0
     rows = [
         ("target params N", f"{plan.params:,}"),
+        ("target layout", plan.layout),
         ("token budget D", f"{plan.tokens:,}"),
         ("compute C = 6ND", f"{plan.flops:.3e} FLOPs"),
         ("growth factor g", f"{plan.factor}"),
@@ -107,10 +111,78 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         ("FLOPs from scratch", f"{plan.flops_scratch:.3e}"),
     ]
     if not plan.in_fit_range:
-        rows.append(("note", "outside the paper's fitted compute range: treat d with suspicion"))
+        note = "outside the paper's fitted compute range: treat d with suspicion"
+        if plan.growth_tokens_raw > plan.growth_tokens:
+            note += f" (Eq. 10 gives {plan.growth_tokens_raw:.3g} tokens; clamped to half the budget, as the trainer)"
+        rows.append(("note", note))
+    _print_rows(rows)
+    return 0
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _cmd_plan_stages(args: argparse.Namespace) -> int:
+    """Staged Training's multi-stage schedule, printed as the [[growth]] tables of a run config."""
+    from fastgrow.config import parse_count
+    from fastgrow.plan import plan_growth
+    from fastgrow.plan_stages import ScalingLaw, growth_toml, plan_stages
+
+    if args.factor != 4:
+        raise ValueError("--factor is the one-stage plan's; a staged plan grows x2 per stage (--stages, --grow)")
+    one = plan_growth(args.params, args.tokens, factor=1, preset=args.preset, layers=args.layers)
+    if one.base_model is None:
+        raise ValueError(f"--stages needs the target's architecture: {one.layout}")
+    from fastgrow.config import ModelConfig
+
+    target = ModelConfig(**one.base_model)  # factor 1: the target itself
+    law = ScalingLaw(n_c=args.law_n_c, alpha_n=args.law_alpha_n, d_c=args.law_d_c, alpha_d=args.law_alpha_d)
+    plan = plan_stages(
+        target,
+        parse_count(args.tokens),
+        stages=args.stages,
+        grow=args.grow,
+        tokens_per_step=parse_count(args.tokens_per_step),
+        rewarm_steps=args.rewarm_steps,
+        law=law,
+    )
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2, sort_keys=True, default=str))
+        return 0
+    law_text = f"L(N, D) = ({law.n_c:.3g} / N)^{law.alpha_n:g} + ({law.d_c:.3g} / D)^{law.alpha_d:g}"
+    rows = [
+        ("target", f"{one.layout}; {target.num_params(include_embeddings=False):,} non-embedding params"),
+        ("token budget D", f"{plan.budget_tokens:,} ({plan.tokens_per_step:,} tokens per step)"),
+        ("scaling law", law_text + " (N non-embedding params, D tokens; fitted elsewhere: a shape, not a promise)"),
+    ]
+    for i, st in enumerate(plan.stages):
+        what = f"{st.model.n_layers} layers x dim {st.model.dim}, {st.params:,} params"
+        span = f"tokens {st.tokens_start:,} .. {st.tokens_start + st.tokens:,}"
+        loss = (
+            f"loss {st.loss_start:.3f} -> {st.loss_end:.3f}"
+            if st.loss_start is not None
+            else f"loss -> {st.loss_end:.3f}"
+        )
+        rows.append((f"phase {i}", f"{what}; {span}; predicted {loss}"))
+    if plan.dropped:
+        rows.append(
+            ("note", f"the budget ends before the last {plan.dropped} growth(s): the run does not reach the target")
+        )
+    else:
+        saved = 1.0 - plan.flops / plan.scratch_flops
+        rows.append(
+            (
+                "FLOPs (6ND)",
+                f"{plan.flops:.3e} staged vs {plan.scratch_flops:.3e} for the target from scratch to the "
+                f"same predicted loss ({saved:+.1%} saved)",
+            )
+        )
+    _print_rows(rows)
+    print()
+    print(growth_toml(plan), end="")
     return 0
 
 
@@ -176,6 +248,15 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="target architecture preset (e.g. 410M, 7B)")
     p.add_argument("--layers", type=int, help="target depth, when no preset is given")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    g = p.add_argument_group("Staged Training (several stages, each x2; prints [[growth]] tables)")
+    g.add_argument("--stages", type=int, default=0, help="number of growths (0: the one-stage Eq. 10 plan)")
+    g.add_argument("--grow", default="depth", choices=("depth", "width", "alternate"), help="what each stage doubles")
+    g.add_argument("--tokens-per-step", default="524288", help="tokens per optimizer step (for jump_to_step)")
+    g.add_argument("--rewarm-steps", type=int, default=200, help="linear re-warm after each jump (default 200)")
+    g.add_argument("--law-n-c", type=float, default=8.8e13, help="scaling law N_c (default Kaplan's 8.8e13)")
+    g.add_argument("--law-alpha-n", type=float, default=0.076, help="scaling law alpha_N (default 0.076)")
+    g.add_argument("--law-d-c", type=float, default=4.7e9, help="scaling law D_c in tokens (default 4.7e9)")
+    g.add_argument("--law-alpha-d", type=float, default=0.76, help="scaling law alpha_D (default 0.76)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("grow", help="grow a checkpoint into a new run directory (same grow() as in-run)")

@@ -99,10 +99,10 @@ def resolve_learn_plan(plan: GrowPlan, cfg: ModelConfig) -> ResolvedPlan:
         except ValueError:
             raise e from None
         old, new = axis_sizes(r.src), axis_sizes(r.dst)
-        bad = ", ".join(f"{a} {old[a]} -> {new[a]}" for a in old if new[a] % old[a])
+        bad = ", ".join(f"{a} {old[a]} -> {new[a]}" for a in ("resid", "q", "kv") if new[a] % old[a])
         raise ValueError(
-            f"G_learn's width maps start from width direct, which needs every width to grow by an integer "
-            f"multiple, not {bad} (choose target_dim / target_ffn_dim / target_heads as multiples)"
+            f"G_learn's width maps start from width direct, which needs the hidden width (and the heads) to "
+            f"grow by an integer multiple, not {bad} (choose target_dim / target_heads as multiples)"
         ) from None
 
 

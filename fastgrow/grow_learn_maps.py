@@ -8,11 +8,11 @@ depth   W'_t = sum_l depth[kind][t, l] * W_l                  (per target layer 
 
 Width maps. Each width axis (resid, q, kv, ffn) has a *write* map, applied where a tensor's output lives
 on the axis (rows of wq/wk/wv/wo/w13/w2, the columns of the token embedding, the norm gains), and a *read*
-map, applied where a weight reads the axis (columns of wqkv/w13/w2/wo and of the output head); kv has only
-a write map (no weight reads it). A map is `diag(1 / div) @ matrix`, matrix [new, old] learned and div a
-fixed vector (1 where the initial map has no division): width `direct` divides the weights that read a
-tiled axis by its multiplicity, and keeping that division a division keeps step 0 bitwise equal to it
-(x * (1/3) is not x / 3 in floating point). The q and kv maps act on whole heads: matrix is
+map, applied where a weight reads the axis (columns of wqkv/w13/w2/wo and of the output head); kv has no
+learned read map (no weight reads it; attention does). A map is `diag(1 / div) @ matrix`, matrix
+[new, old] learned and div a fixed vector (absent by default: an initial map whose weights divide, e.g.
+an even split x / 3, keeps its division a division, so step 0 stays bitwise; x * (1/3) is not x / 3 in
+floating point). The q and kv maps act on whole heads: matrix is
 [new_heads, old_heads] and the channel-level map is kron(matrix, I_head_dim), so a q/k head stays one
 RoPE-rotated head and RoPE stays valid. Maps of axes that do not grow are learned too (initialised to the
 identity), as in the paper's reference code (prts `ligo.py`, whose width maps are learned at any size).
@@ -22,9 +22,10 @@ initialised one-hot at the source layer of each target layer (G_stack: layer t <
 embedding, final norm and head have no depth.
 
 Initialisation. The maps start from an explicit linear map per axis (`direct_width_maps`: width `direct`
-as fastgrow.grow_width applies it) and the depth sources of a copy operator (G_stack by default), so the
-expanded model at learn step 0 is, bit for bit on the CPU, the model grow() makes with that plan
-(one-hot and 0/1 matrix products are exact: every sum has one non-zero term).
+from fastgrow.grow_width's `AxisMap`s, duplicate E for the writes and the uneven split S for the reads)
+and the depth sources of a copy operator (G_stack by default), so the expanded model at learn step 0 is,
+bit for bit on the CPU, the model grow() makes with that plan (every sum in these matrix products has
+one non-zero term, a product with 1 or with a dyadic split fraction, so it is exact).
 
 Cost. Width is applied to the L small layers, then depth mixes them into T layers (L expansions instead
 of T: 4x fewer FLOPs at the paper's g = 4, at the price of holding L/T of a large model's weights for the
@@ -32,10 +33,13 @@ backward pass). `expansion_flops` counts the matmuls exactly (tests check it aga
 
 Adam moments through the maps (`map_moments`): depth mixes exp_avg with the coefficients c and exp_avg_sq
 with c^2 (the mean and second moment of sum_l c_l g_l for independent g_l; one-hot c copies, as G_stack's
-copy does); width maps each moment as a gradient: the smallest large-model gradient G' whose pull-back
-through the maps (G = write^T G' read) is the small model's gradient is G' = pinv(write)^T G pinv(read),
-so exp_avg uses P = pinv(map)^T and exp_avg_sq P o P (elementwise square, so it stays >= 0). For width
-direct that is exactly grow()'s rule (exp_avg / r and exp_avg_sq / r^2 along an r-times tiled output axis).
+copy does). Width maps each moment as the gradient it averages: a grown unit's output gradient is the
+small unit's weighted by how much the grown model reads the unit (its axis's read map), and a weight's
+input column sees the activation the write map produced, so G' = read[out axis] G write[in axis]^T (the
+maps' roles swapped), exp_avg through those maps and exp_avg_sq through their elementwise squares (>= 0).
+For width direct (W' = E W S^T) that is G' = S G E^T, the exact gradient of the grown model at growth:
+each copy's share a of its unit's gradient, which is grow()'s rule (m a, v a^2), bit for bit at step 0.
+The kv axis, which no weight reads, uses its initial read map (direct's split), kept as a fixed buffer.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from torch import nn
 
 from fastgrow.config import ModelConfig
 from fastgrow.grow_depth import NEW_BLOCK
-from fastgrow.grow_width import axis_sizes
+from fastgrow.grow_width import WidthMap, axis_sizes
 
 __all__ = [
     "AXIS_SIDES",
@@ -76,6 +80,8 @@ AXIS_SIDES = (
     ("ffn", "write"),
     ("ffn", "read"),
 )
+# Maps that are not learned but that the Adam moments need: kv's read side (see the module doc).
+MOMENT_SIDES = (("kv", "read"),)
 _HEAD_AXES = ("q", "kv")
 
 
@@ -96,26 +102,15 @@ class SideMap:
         return m if self.div is None else m / self.div.double()[:, None]
 
 
-def _tile(new: int, old: int) -> torch.Tensor:
-    """E[j', j] = 1 iff j == j' mod old: channel j' of the wider axis copies channel j' mod old."""
-    if new % old:
-        raise ValueError(f"a tiling map needs an integer multiple: {old} -> {new}")
-    return (torch.arange(new)[:, None] % old == torch.arange(old)[None, :]).float()
-
-
 def direct_width_maps(src: ModelConfig, dst: ModelConfig) -> dict[tuple[str, str], SideMap]:
-    """Width `direct` (fastgrow.grow_width) as explicit channel-level maps per (axis, side).
-
-    write: tile E (a tensor whose output is on the axis copies channel j' mod old into channel j');
-    read: E / r (a weight reading an r-times tiled axis is divided by r, so every sum sees r copies of w/r).
-    Axes that keep their size get the identity.
-    """
-    old, new = axis_sizes(src), axis_sizes(dst)
+    """Width `direct` (fastgrow.grow_width) as explicit channel-level maps per (axis, side): write =
+    duplicate E (new channel j' copies old channel j' mod old), read = the uneven split S (the fraction
+    of the old column that copy reads). Axes that keep their size get the identity. ("kv", "read")
+    is included for the Adam moments (see the module doc)."""
+    width = WidthMap.between("direct", src, dst)
     out: dict[tuple[str, str], SideMap] = {}
-    for axis, side in AXIS_SIDES:
-        e = _tile(new[axis], old[axis])
-        r = new[axis] // old[axis]
-        out[(axis, side)] = SideMap(e, torch.full((new[axis],), float(r)) if side == "read" and r != 1 else None)
+    for axis, side in (*AXIS_SIDES, *MOMENT_SIDES):
+        out[(axis, side)] = SideMap(width.axis(axis).matrix("duplicate" if side == "write" else "split"))
     return out
 
 
@@ -183,7 +178,7 @@ class GrowthMaps(nn.Module):
         self.depth = nn.ParameterDict({k: nn.Parameter(c.clone()) for k in DEPTH_KINDS})
         old, new = axis_sizes(src), axis_sizes(dst)
         hd = src.head_dim
-        for axis, side in AXIS_SIDES:
+        for axis, side in (*AXIS_SIDES, *MOMENT_SIDES):
             if (axis, side) not in width:
                 raise ValueError(f"no initial width map for axis {axis!r} ({side} side)")
             m = width[(axis, side)]
@@ -192,7 +187,11 @@ class GrowthMaps(nn.Module):
                 raise ValueError(f"width map {axis}/{side}: shape {tuple(m.matrix.shape)}, expected {want}")
             if axis in _HEAD_AXES:
                 m = head_level(m, hd, f"width map {axis}/{side}")
-            self.register_parameter(f"{axis}_{side}", nn.Parameter(m.matrix.detach().float().clone()))
+            matrix = m.matrix.detach().float().clone()
+            if (axis, side) in MOMENT_SIDES:
+                self.register_buffer(f"{axis}_{side}", matrix)  # fixed: used by map_moments only
+            else:
+                self.register_parameter(f"{axis}_{side}", nn.Parameter(matrix))
             if m.div is not None:
                 self.register_buffer(f"{axis}_{side}_div", m.div.detach().float().clone())
 
@@ -311,16 +310,18 @@ def exact_matmuls():
 def map_moments(maps: GrowthMaps, moments: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
     """Adam moments of the grown model from the small model's, through the (learned) maps (module doc).
 
-    kind: "exp_avg" (depth c, width pinv(map)^T) or "exp_avg_sq" (c^2, pinv(map)^T squared elementwise).
+    kind: "exp_avg" (depth c; width: read map on a tensor's output axis, write map on its input axis) or
+    "exp_avg_sq" (the same maps squared elementwise).
     """
     if kind not in ("exp_avg", "exp_avg_sq"):
         raise ValueError(f"kind must be exp_avg or exp_avg_sq, got {kind!r}")
     square = kind == "exp_avg_sq"
+    # expand_tensors applies the (axis, "write") map to output axes and (axis, "read") to input axes: swap.
+    swapped = {(axis, side): (axis, "read" if side == "write" else "write") for axis, side in AXIS_SIDES}
     gmaps = {}
-    for axis, side in AXIS_SIDES:
+    for key, (axis, side) in swapped.items():
         m, div = maps.width_map(axis, side)
-        p = torch.linalg.pinv(SideMap(m, div).dense()).t()  # float64: the pseudo-inverse of a 0/1 tile is E^T / r
-        gmaps[(axis, side)] = ((p * p) if square else p).to(m.dtype), None
+        gmaps[key] = (m * m, None if div is None else div * div) if square else (m, div)
     depth = {k: (c * c if square else c).detach() for k, c in maps.depth.items()}
     with exact_matmuls():
         return expand_tensors(maps.src, maps.dst, moments, depth, gmaps)

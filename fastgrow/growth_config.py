@@ -186,11 +186,6 @@ class GrowthConfig:
             name, why = bad
             raise ConfigError(f"growth.{name} = {values[name]!r} is not used: {why}")
 
-    @property
-    def enabled(self) -> bool:
-        """Always True: a stage exists only to grow (no growth is an empty `RunConfig.growth`)."""
-        return True
-
 
 SCHEDULE_FIELDS_ANY = frozenset().union(*SCHEDULE_FIELDS.values())
 

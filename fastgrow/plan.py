@@ -85,6 +85,7 @@ class GrowthPlan:
     flops_grown_total: float  # flops_small + flops_large
     flops_scratch: float  # 6 * N * D
     base_model: dict[str, Any] | None
+    layout: str = ""  # where the target's architecture came from (a preset given, matched, or unknown)
 
     @property
     def growth_fraction(self) -> float:
@@ -100,9 +101,14 @@ class GrowthPlan:
         return d
 
 
+# A parameter count matches a paper target's layout only this close (a 13B target is not a 7B layout).
+PRESET_MATCH_RATIO = 1.25
+
+
 def _match_preset(params: int) -> str | None:
-    """The paper target whose parameter count is within 2x of `params` (closest in log space)."""
-    best, best_dist = None, math.log(2.0)
+    """The paper target whose parameter count is within PRESET_MATCH_RATIO of `params` (closest in log
+    space), or None."""
+    best, best_dist = None, math.log(PRESET_MATCH_RATIO)
     for name in PAPER_TARGETS:
         dist = abs(math.log(MODEL_PRESETS[name].num_params() / params))
         if dist <= best_dist:
@@ -121,9 +127,9 @@ def plan_growth(
 
     params/tokens accept ints or '410M', '1.1B', '300B', '2e12'. `preset` names the target architecture
     (then params may be None: the preset's exact count is used); `layers` gives just the target depth.
-    With neither, the paper target within 2x of `params` is used for the depth (recorded in `preset`),
-    and if none is that close the base architecture is unknown: base_layers is None and params_small is
-    estimated as N / g.
+    With neither, the paper target within 1.25x of `params` is used for the depth (recorded in `preset`
+    and said in `layout`), and if none is that close the base architecture is unknown: base_layers is
+    None and params_small is estimated as N / g.
     """
     if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
         raise ValueError(f"growth factor must be an integer >= 1, got {factor!r}")
@@ -143,10 +149,20 @@ def plan_growth(
         raise ValueError("give the target parameter count (params) or a preset")
     if n <= 1:
         raise ValueError(f"target parameter count N must be > 1, got {params!r}")
+    layout = f"preset {preset}" if target is not None else "unknown: base parameters estimated as N / g"
     if target is None and layers is None:
         match = _match_preset(n)
         if match is not None:
             preset, target = match, MODEL_PRESETS[match]
+            layout = (
+                f"preset {match}'s ({target.n_layers} layers, dim {target.dim}, {target.num_params():,} params), "
+                f"matched by parameter count (within {PRESET_MATCH_RATIO}x); give --preset or --layers to choose"
+            )
+        else:
+            layout = (
+                f"unknown: no preset within {PRESET_MATCH_RATIO}x of {n:,} params, base parameters estimated as "
+                "N / g; give --preset or --layers"
+            )
     if layers is not None:
         if not isinstance(layers, int) or layers < 1:
             raise ValueError(f"target layers must be a positive integer, got {layers!r}")
@@ -201,6 +217,7 @@ def plan_growth(
         flops_grown_total=flops_small + flops_large,
         flops_scratch=6.0 * n * d_tokens,
         base_model=base_model,
+        layout=layout if layers is None else f"{layers} layers" + (f", {preset}'s widths" if preset else ""),
     )
 
 

@@ -8,19 +8,15 @@ widths and `target layers / factor` layers, grown in the run by `fastgrow.grow` 
   same FLOPs, see a longer prefix of that same stream) and evaluates on the same validation batches;
 * the same total training FLOPs: the scratch run's budget B = max_steps * tokens_per_step * f_target,
   with f = `fastgrow.model.flops_per_token(model, seq_len, include_attention=True)` (the convention of the
-  `flops` field the trainer logs, which counts each phase at its own size). A grown run trains k_g steps
-  at f_base, grows, and then trains round((B - k_g * tokens_per_step * f_base) / (tokens_per_step *
-  f_target)) steps, so its total is B to within half a target step (the exact total is reported). A
-  G_learn variant's learn steps come between the two phases and cost `learn_flops_per_step` each (the
-  large model's step plus the maps' expansion, fastgrow.grow_learn), deducted from the budget the same way.
+  `flops` field the trainer logs, which counts each phase at its own size). A grown run trains each phase
+  (the base, then the model after each growth) at its own f, and as many final-phase steps as bring its
+  total to B to within half a target step (the exact total is reported).
 
 Speedup at equal loss, as Du et al. (2024) define it: FLOPs_scratch / FLOPs_grown - 1 at the scratch
 run's final validation loss, on monotone (running-minimum) validation curves interpolated in log-log;
-and the loss gap at equal FLOPs. See `fastgrow.speedup` for the method and why.
-
-Growth timing per variant: "planner" (Eq. 10 via `fastgrow.plan.auto_growth_tokens` for the target and
-the scratch run's token budget D, clamped to D/2 as the trainer's "auto" does), "planner*X" /
-"planner/X", "XD" (a fraction X of D, e.g. "0.1D"), or a token count. It is rounded up to whole steps.
+and the loss gap at equal FLOPs. See `fastgrow.speedup` for the method and why. The variants (one
+growth, several stages, per-phase schedules, 0- and 1-layer bases, controls) and their timings are
+configured and planned in `fastgrow.study_config`.
 
 Layout of a study directory: one run directory per variant (`<out>/<name>/`, the run's train.out_dir,
 with metrics.jsonl and checkpoints), `study_done.json` in a run directory once that run has finished
@@ -32,11 +28,9 @@ with metrics.jsonl and checkpoints), `study_done.json` in a run directory once t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -46,13 +40,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastgrow.config import ConfigError, GrowthConfig, ModelConfig, RunConfig, parse_count, preset
+from fastgrow.config import ConfigError, RunConfig, parse_count
 from fastgrow.speedup import Curve, load_curve, read_records, speedup_at_equal_loss
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from fastgrow.study_config import (
+    BASE,
+    GROWTH_OPS,
+    SCRATCH,
+    STAGES,
+    TARGET,
+    PlannedRun,
+    StudyConfig,
+    Variant,
+    equal_flops_steps,
+    equal_flops_steps_phases,
+    load_study,
+    plan_study,
+    planner_tokens,
+    resolve_timing,
+)
 
 __all__ = [
     "PlannedRun",
@@ -63,6 +68,7 @@ __all__ = [
     "analyze",
     "ensure_data",
     "equal_flops_steps",
+    "equal_flops_steps_phases",
     "load_curve",
     "load_study",
     "plan_study",
@@ -74,364 +80,9 @@ __all__ = [
     "write_report",
 ]
 
-SCRATCH = "scratch"
-BASE = "base"  # a control: the base model trained alone for the whole budget, never grown
 DONE_MARKER = "study_done.json"
-GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "learn")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # Fields that change what a finished run measured although a resume would accept them.
 _REUSE_STRICT = ("train.eval_batches",)
-
-
-# --- configuration ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One run of a study. op "scratch" is the target trained from scratch (the reference), "base" the base
-    model trained alone for the whole budget (a control: is growing better than not growing?), and the
-    growth ops (stack, interpolate, partial, sources, zero, random, learn) grow the base into the target.
-
-    timing: "planner", "planner*X", "planner/X", "XD" (fraction of the scratch token budget) or tokens.
-    rewarm_steps: for schedule "rewarm" (0: the run's train.warmup_steps).
-    learn_steps / learn_lr: for op "learn" (None: G_learn's defaults).
-    """
-
-    name: str
-    op: str = "stack"
-    timing: str | int = "planner"
-    spec: str = ""
-    noise: float = 0.0
-    optimizer: str = "copy"
-    schedule: str = "continue"
-    rewarm_steps: int = 0
-    learn_steps: int | None = None  # op learn: the operator's training steps (None: its default, 100)
-    learn_lr: float | None = None  # op learn: its LR (None: its default)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise ConfigError(f"variant name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
-        if self.op not in (SCRATCH, BASE) and self.op not in GROWTH_OPS:
-            raise ConfigError(
-                f"variant {self.name}: op must be {SCRATCH!r}, {BASE!r} or one of {GROWTH_OPS}, got {self.op!r}"
-            )
-        if (self.name == SCRATCH) != (self.op == SCRATCH):
-            raise ConfigError(f"variant {self.name}: the name {SCRATCH!r} is reserved for op {SCRATCH!r} and back")
-        if self.op in ("partial", "sources") and not self.spec:
-            raise ConfigError(f"variant {self.name}: op {self.op!r} needs a spec (e.g. '1-2*3')")
-        if isinstance(self.rewarm_steps, bool) or not isinstance(self.rewarm_steps, int) or self.rewarm_steps < 0:
-            raise ConfigError(f"variant {self.name}: rewarm_steps must be a non-negative integer")
-        if self.grows:
-            # The growth fields are validated where they live (GrowthConfig), with the variant named.
-            try:
-                GrowthConfig(
-                    at_tokens=1,
-                    op=self.op,
-                    spec=self.spec,
-                    noise=self.noise,
-                    optimizer=self.optimizer,
-                    schedule=self.schedule,
-                    # 0 means "the run's warmup", resolved later
-                    rewarm_steps=max(1, self.rewarm_steps) if self.schedule == "rewarm" else self.rewarm_steps,
-                    learn_steps=self.learn_steps,
-                    learn_lr=self.learn_lr,
-                )
-            except ConfigError as e:
-                raise ConfigError(f"variant {self.name}: {e}") from None
-            _parse_timing(self.timing, self.name)
-
-    @property
-    def grows(self) -> bool:
-        return self.op in GROWTH_OPS
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """target: the scratch run (its model is the target, its train.max_steps sets the FLOPs budget)."""
-
-    target: RunConfig
-    variants: tuple[Variant, ...]
-    factor: int = 4
-    name: str = "study"
-    prepare: dict[str, Any] | None = None  # how to make data.data_dir when it is missing
-    # False: delete a run's checkpoints once it has finished (its marker and metrics are all a study
-    # needs; a ~100M-parameter run's checkpoints are GBs and a study has a dozen runs).
-    keep_checkpoints: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 2:
-            raise ConfigError(f"study.factor must be an integer >= 2, got {self.factor!r}")
-        if self.target.model.n_layers % self.factor:
-            raise ConfigError(
-                f"target layers ({self.target.model.n_layers}) are not divisible by study.factor ({self.factor})"
-            )
-        if self.target.growth:
-            raise ConfigError("the study's [growth] section must be empty: growth is set per [[variant]]")
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise ConfigError(f"study.name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
-        names = [v.name for v in self.variants]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ConfigError(f"duplicate variant name(s): {dup}")
-        if SCRATCH not in names:
-            raise ConfigError(f"a study needs the {SCRATCH!r} variant (op = {SCRATCH!r}) to compare against")
-
-    @property
-    def base(self) -> ModelConfig:
-        """The model every grown variant starts from: the target's widths, target layers / factor."""
-        return dataclasses.replace(self.target.model, n_layers=self.target.model.n_layers // self.factor)
-
-    @property
-    def tokens_per_step(self) -> int:
-        t = self.target
-        return t.data.batch_size * t.data.seq_len * t.train.grad_accum
-
-    @property
-    def budget_tokens(self) -> int:
-        return self.target.train.max_steps * self.tokens_per_step
-
-
-_VARIANT_KEYS = {f.name for f in dataclasses.fields(Variant)}
-_STUDY_KEYS = {"name", "factor", "prepare", "keep_checkpoints"}
-
-
-def load_study(path: str | Path) -> StudyConfig:
-    """Read a study TOML: `[study]` (name, factor, optional `[study.prepare]` source/vocab_size/max_bytes),
-    the target run's `[model]`, `[data]`, `[train]` (and optional top-level `preset`), and `[[variant]]`
-    tables (name, op, timing, spec, noise, optimizer, schedule, rewarm_steps, learn_steps, learn_lr)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"study config not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    study = raw.pop("study", {})
-    variants = raw.pop("variant", [])
-    if not isinstance(study, dict):
-        raise ConfigError(f"{p}: [study] must be a table")
-    unknown = set(study) - _STUDY_KEYS
-    if unknown:
-        raise ConfigError(f"{p}: unknown key(s) in [study]: {sorted(unknown)} (known: {sorted(_STUDY_KEYS)})")
-    if not isinstance(variants, list) or not variants:
-        raise ConfigError(f"{p}: the study needs [[variant]] tables (at least name = 'scratch', op = 'scratch')")
-    start = preset(str(raw.pop("preset"))) if "preset" in raw else RunConfig()
-    d = start.to_dict()
-    for section, values in raw.items():
-        if section not in d or not isinstance(values, dict):
-            raise ConfigError(f"{p}: unknown or malformed section [{section}] (known: study, variant, {sorted(d)})")
-        for k, v in values.items():
-            if k not in d[section]:
-                raise ConfigError(f"{p}: unknown key {k!r} in [{section}] (known: {sorted(d[section])})")
-            d[section][k] = v
-    target = RunConfig.from_dict(d)
-    parsed = []
-    for i, v in enumerate(variants):
-        if not isinstance(v, dict):
-            raise ConfigError(f"{p}: [[variant]] #{i + 1} must be a table")
-        bad = set(v) - _VARIANT_KEYS
-        if bad:
-            raise ConfigError(
-                f"{p}: [[variant]] #{i + 1}: unknown key(s) {sorted(bad)} (known: {sorted(_VARIANT_KEYS)})"
-            )
-        if "name" not in v:
-            raise ConfigError(f"{p}: [[variant]] #{i + 1} has no name")
-        parsed.append(Variant(**v))
-    prep = study.get("prepare")
-    if prep is not None and not (isinstance(prep, dict) and "source" in prep):
-        raise ConfigError(f"{p}: [study.prepare] must be a table with at least `source`")
-    return StudyConfig(
-        target=target,
-        variants=tuple(parsed),
-        factor=study.get("factor", 4),
-        name=str(study.get("name", p.stem)),
-        prepare=prep,
-        keep_checkpoints=_bool(study.get("keep_checkpoints", True), f"{p}: study.keep_checkpoints"),
-    )
-
-
-def _bool(v: Any, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{name} must be true or false, got {v!r}")
-    return v
-
-
-# --- timing and equal-FLOPs budgets ------------------------------------------------------------------
-
-
-def _parse_timing(timing: str | int, name: str) -> tuple[str, float]:
-    """("planner", multiplier) | ("fraction", x) | ("tokens", n); ConfigError naming the variant."""
-    if isinstance(timing, bool):
-        raise ConfigError(f"variant {name}: timing must be a string or a token count, got {timing!r}")
-    if isinstance(timing, (int, float)):
-        if timing <= 0:
-            raise ConfigError(f"variant {name}: timing must be > 0 tokens, got {timing!r}")
-        return "tokens", float(timing)
-    s = str(timing).strip().replace(" ", "")
-    m = re.fullmatch(r"planner(?:([*/])([0-9.eE+-]+))?", s)
-    try:
-        if m:
-            x = float(m.group(2)) if m.group(2) else 1.0
-            mult = x if m.group(1) != "/" else 1.0 / x
-            if not (mult > 0 and math.isfinite(mult)):
-                raise ValueError
-            return "planner", mult
-        if s.endswith(("D", "d")):
-            x = float(s[:-1])
-            if not x > 0:
-                raise ValueError
-            return "fraction", x
-        n = parse_count(s)
-        if n <= 0:
-            raise ValueError
-        return "tokens", float(n)
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(
-            f"variant {name}: cannot read timing {timing!r} (use 'planner', 'planner*2', 'planner/2', '0.1D' "
-            "= a fraction of the scratch token budget, or a token count such as '2M')"
-        ) from None
-
-
-def planner_tokens(study: StudyConfig) -> int:
-    """Eq. 10 growth tokens for the target at the scratch run's token budget, clamped to half of it."""
-    from fastgrow.plan import auto_growth_tokens
-
-    return auto_growth_tokens(study.target, target=study.target.model)
-
-
-def resolve_timing(
-    timing: str | int, *, planner: int, budget_tokens: int, tokens_per_step: int, name: str = "?"
-) -> int:
-    """Growth token count for a timing spec, rounded up to whole steps (the trainer grows at a step)."""
-    kind, x = _parse_timing(timing, name)
-    raw = planner * x if kind == "planner" else budget_tokens * x if kind == "fraction" else x
-    steps = max(1, math.ceil(raw / tokens_per_step - 1e-9))
-    return steps * tokens_per_step
-
-
-def equal_flops_steps(
-    budget_flops: float,
-    flops_small: float,
-    flops_large: float,
-    growth_steps: int,
-    tokens_per_step: int,
-    learn_steps: int = 0,
-    learn_flops: float = 0.0,
-) -> int:
-    """Total steps of a grown run (growth_steps at flops_small per token, then learn_steps of an
-    operator's training costing learn_flops in all (G_learn; 0 otherwise), the rest at flops_large) whose
-    training FLOPs come closest to budget_flops. ValueError when the phases before the grown model use it up."""
-    if min(budget_flops, flops_small, flops_large) <= 0 or tokens_per_step <= 0 or growth_steps < 1:
-        raise ValueError("budget, FLOPs per token, tokens per step and growth steps must be positive")
-    small = growth_steps * tokens_per_step * flops_small + learn_flops
-    left = budget_flops - small
-    large_steps = round(left / (tokens_per_step * flops_large))
-    if large_steps < 1:
-        what = "the small phase and the operator's training cost" if learn_steps else "the small phase costs"
-        raise ValueError(
-            f"growing after {growth_steps} steps leaves no FLOPs for the grown model ({what} {small:.4g} of "
-            f"the {budget_flops:.4g} budget); grow earlier"
-        )
-    return growth_steps + learn_steps + large_steps
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    variant: Variant
-    config: RunConfig
-    run_dir: Path
-    growth_tokens: int  # 0 for scratch
-    growth_step: int
-    max_steps: int
-    planned_flops: float
-    budget_flops: float
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "variant": self.variant.name,
-            "op": self.variant.op,
-            "timing": self.variant.timing if self.variant.grows else None,
-            "growth_tokens": self.growth_tokens,
-            "growth_step": self.growth_step,
-            "max_steps": self.max_steps,
-            "tokens": self.max_steps
-            * self.config.data.batch_size
-            * self.config.data.seq_len
-            * self.config.train.grad_accum,
-            "planned_flops": self.planned_flops,
-            "budget_flops": self.budget_flops,
-            "config": self.config.to_dict(),
-        }
-
-
-def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
-    """Every run's RunConfig: scratch first, then the variants in file order (validates everything)."""
-    from fastgrow.grow import plan_from_config, resolve_plan
-    from fastgrow.grow_learn import DEFAULT_LEARN_STEPS, learn_flops_per_step
-    from fastgrow.model import flops_per_token
-
-    out = Path(out_dir)
-    t = study.target
-    tps = study.tokens_per_step
-    f_large = flops_per_token(t.model, t.data.seq_len, include_attention=True)
-    f_small = flops_per_token(study.base, t.data.seq_len, include_attention=True)
-    budget = t.train.max_steps * tps * f_large
-    planner = planner_tokens(study)
-    order = sorted(study.variants, key=lambda v: v.op != SCRATCH)
-    runs = []
-    for v in order:
-        run_dir = out / v.name
-        if v.op == SCRATCH:
-            cfg = dataclasses.replace(t, train=dataclasses.replace(t.train, out_dir=str(run_dir)))
-            runs.append(PlannedRun(v, cfg, run_dir, 0, 0, t.train.max_steps, budget, budget))
-            continue
-        if v.op == BASE:
-            steps = max(1, round(budget / (tps * f_small)))
-            train = dataclasses.replace(t.train, max_steps=steps, out_dir=str(run_dir))
-            cfg = RunConfig(model=study.base, data=t.data, train=train)
-            runs.append(PlannedRun(v, cfg, run_dir, 0, 0, steps, steps * tps * f_small, budget))
-            continue
-        at = resolve_timing(
-            v.timing, planner=planner, budget_tokens=study.budget_tokens, tokens_per_step=tps, name=v.name
-        )
-        k = at // tps
-        # G_learn: its learn steps are steps of the run, each costing a large step plus the maps' expansion.
-        n_learn = (v.learn_steps or DEFAULT_LEARN_STEPS) if v.op == "learn" else 0
-        learn_flops = n_learn * learn_flops_per_step(study.base, t.model, t.data.seq_len, tps) if n_learn else 0.0
-        try:
-            steps = equal_flops_steps(budget, f_small, f_large, k, tps, n_learn, learn_flops)
-        except ValueError as e:
-            raise ConfigError(f"variant {v.name} (timing {v.timing!r} = {at:,} tokens): {e}") from None
-        growth = GrowthConfig(
-            at_tokens=at,
-            op=v.op,
-            target_layers=t.model.n_layers,
-            spec=v.spec,
-            noise=v.noise,
-            optimizer=v.optimizer,
-            schedule=v.schedule,
-            rewarm_steps=(v.rewarm_steps or t.train.warmup_steps) if v.schedule == "rewarm" else v.rewarm_steps,
-            learn_steps=v.learn_steps,
-            learn_lr=v.learn_lr,
-        )
-        try:
-            dst = resolve_plan(plan_from_config(growth, study.base), study.base).dst
-        except ValueError as e:
-            raise ConfigError(f"variant {v.name}: {e}") from None
-        if dst.architecture() != t.model.architecture():
-            raise ConfigError(
-                f"variant {v.name}: grows the {study.base.n_layers}-layer base into {dst.n_layers} layers, not the "
-                f"target's {t.model.n_layers} (check its spec)"
-            )
-        cfg = RunConfig(
-            model=study.base,
-            data=t.data,
-            train=dataclasses.replace(t.train, max_steps=steps, out_dir=str(run_dir)),
-            growth=(growth,),
-        )
-        flops = k * tps * f_small + learn_flops + (steps - k - n_learn) * tps * f_large
-        runs.append(PlannedRun(v, cfg, run_dir, at, k, steps, flops, budget))
-    return runs
 
 
 # --- running ---------------------------------------------------------------------------------------------
@@ -702,12 +353,16 @@ def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0, train_tokens: int 
 
 
 def _throughput(recs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean logged tokens/s of the (final) target phase and of the small phase before growth; the first
-    logged window of each phase is left out (it holds warm-up: kernel compilation, allocator growth)."""
-    grow_step = next((r["step"] for r in recs if r.get("kind") == "growth"), None)
-    train = [r for r in recs if r.get("kind") == "train" and r.get("tokens_per_s") is not None]
-    before = [r["tokens_per_s"] for r in train if grow_step is not None and r["step"] <= grow_step]
-    after = [r["tokens_per_s"] for r in train if grow_step is None or r["step"] > grow_step]
+    """Mean logged tokens/s of the final (target) phase and of the base phase before the first growth;
+    the first logged window of each phase is left out (it holds warm-up: kernel compilation, allocator
+    growth)."""
+    grows = [r["step"] for r in recs if r.get("kind") == "growth"]
+    first, last = (grows[0], grows[-1]) if grows else (None, None)
+    train = [
+        r for r in recs if r.get("kind") == "train" and r.get("tokens_per_s") is not None and r.get("phase") != "learn"
+    ]
+    before = [r["tokens_per_s"] for r in train if first is not None and r["step"] <= first]
+    after = [r["tokens_per_s"] for r in train if last is None or r["step"] > last]
 
     def mean(xs: list[float]) -> float | None:
         xs = [x for x in (xs[1:] or xs) if math.isfinite(x)]
@@ -720,13 +375,37 @@ def _fmt(x: float | None, spec: str, none: str = "—") -> str:
     return none if x is None else format(x, spec)
 
 
-def _table_row(r: dict[str, Any], budget_tokens: int) -> list[str]:
-    g = (r["config"]["growth"] or [{"spec": "", "noise": 0.0, "schedule": "", "optimizer": ""}])[0]
-    grows = r["op"] in GROWTH_OPS
-    op = r["op"] + (f" `{g['spec']}`" if grows and g["spec"] else "") + (f" noise {g['noise']:g}" if g["noise"] else "")
-    if g.get("learn_steps"):
-        op += f" {g['learn_steps']} steps"
-    sched = g["schedule"] + (f" {g['rewarm_steps']}" if g["schedule"] == "rewarm" else "")
+def _describe_growth(g: dict[str, Any]) -> tuple[str, str]:
+    """(operator, schedule) of one growth stage's config, as the table shows them."""
+    op = g["op"]
+    if g.get("factor"):
+        op += f" x{g['factor']}"
+    op += (f" `{g['spec']}`" if g.get("spec") else "") + (f" noise {g['noise']:g}" if g.get("noise") else "")
+    if g["op"] == "learn":
+        from fastgrow.grow_learn import DEFAULT_LEARN_STEPS
+
+        op += f" ({g.get('learn_steps') or DEFAULT_LEARN_STEPS} learn steps)"
+    if g["schedule"] == "rewarm":
+        return op, f"rewarm {g['rewarm_steps']}"
+    extras = [
+        f"{k.replace('_steps', '')} {g[k]:g}" if isinstance(g[k], float) else f"{k.replace('_steps', '')} {g[k]}"
+        for k in ("lr", "min_lr", "warmup_steps", "horizon_steps", "jump_to_step", "rewarm_steps")
+        if g.get(k)
+    ]
+    return op, g["schedule"] + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _table_row(r: dict[str, Any], study: StudyConfig) -> list[str]:
+    budget_tokens = study.budget_tokens
+    stages = r["config"]["growth"]
+    grows = bool(stages)
+    described = [_describe_growth(g) for g in stages]
+    model = r["config"]["model"]
+    op = r["op"] if not grows else " → ".join(d[0] for d in described)
+    if r["op"] in (BASE, *GROWTH_OPS, STAGES) and model["n_layers"] != study.base.n_layers:
+        op += f" (base: {model['n_layers']} layer{'' if model['n_layers'] == 1 else 's'})"
+    if r["op"] != SCRATCH and r["config"]["train"]["schedule"] != study.target.train.schedule:
+        op += f", {r['config']['train']['schedule']} LR"
     if "flops_to_reach" not in r:
         speed = "—"
     elif r["op"] == SCRATCH:
@@ -734,12 +413,13 @@ def _table_row(r: dict[str, Any], budget_tokens: int) -> list[str]:
     else:
         speed = _fmt(r.get("speedup"), "+.1%", none="not reached")
     epochs = f" ({r['epochs']:.2f} ep)" if r.get("epochs") is not None else ""
+    at = ", ".join(f"{g['at_tokens']:,} ({g['at_tokens'] / budget_tokens:.2f})" for g in stages)
     return [
         r["variant"],
         op,
-        g["optimizer"] if grows else "—",
-        sched if grows else "—",
-        f"{r['growth_tokens']:,} ({r['growth_tokens'] / budget_tokens:.2f})" if grows else "—",
+        " → ".join(g["optimizer"] for g in stages) if grows else "—",
+        " → ".join(d[1] for d in described) if grows else "—",
+        at if grows else "—",
         f"{r['max_steps']} / {r['tokens']:,}{epochs}",
         _fmt(r.get("flops_ratio"), ".4f"),
         _fmt(r.get("final_val_loss"), ".4f"),
@@ -767,13 +447,14 @@ def study_table(rows: Sequence[dict[str, Any]], study: StudyConfig) -> str:
         "minimum validation curves interpolated in log-log; *not reached*: the run never got there. Loss gap = "
         "the run's minus scratch's validation loss at the scratch budget (negative: better than scratch). All "
         "runs: same data order and validation batches, same total FLOPs (`total/budget`: rounding to whole "
-        f"steps). `{BASE}` (if present) is the base model trained alone for the whole budget, never grown.",
+        f"steps). `{BASE}` (if present) is the base model trained alone for the whole budget, never grown; "
+        f"`{TARGET}` the target from scratch with its own schedule. Several growths read left to right (→).",
         "",
         "| variant | op | optimizer | schedule | growth at tokens (of D) | steps / tokens | total/budget "
         "| final val loss | loss gap | FLOPs to scratch loss | speedup | status |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += ["| " + " | ".join(_table_row(r, study.budget_tokens)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_table_row(r, study)) + " |" for r in rows]
     over = [r["variant"] for r in rows if (r.get("epochs") or 0) > 1]
     if over:
         lines += ["", f"Note: {', '.join(over)} trained more than one epoch of the data (repeated tokens)."]

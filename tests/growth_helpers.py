@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -71,12 +70,108 @@ def replace_train(cfg: RunConfig, **kw) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
 
 
-def fresh_target_like(grown) -> tuple[Transformer, torch.optim.AdamW]:
-    """A freshly built target model + AdamW loaded with the grown weights and moments (the oracle)."""
-    torch.manual_seed(123)
-    model = Transformer(grown.model.cfg)
-    model.load_state_dict(grown.model.state_dict())
-    opt = build_optimizer(model, grown.config.train)
-    # deepcopy: load_state_dict keeps same-device tensors by reference, which would share the moments.
-    opt.load_state_dict(copy.deepcopy(grown.optimizer.state_dict()))
-    return model, opt
+def write_token_stream(d, vocab: int = 61, repeats: int = 200, seed: int = 0):
+    """A tiny learnable token stream (a noisy repeating pattern) in the loader's on-disk format."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = np.tile(np.arange(1, 41, dtype=np.uint16), repeats)
+    noise = rng.integers(1, vocab, size=base.size, dtype=np.uint16)
+    toks = np.where(rng.random(base.size) < 0.1, noise, base).astype("<u2")
+    (d / "tokens-00000.bin").write_bytes(toks.tobytes())
+    meta = {
+        "format": "fastgrow-tokens",
+        "format_version": 1,
+        "dtype": "uint16",
+        "byte_order": "little",
+        "vocab_size": vocab,
+        "eos_id": 0,
+        "eos_token": "<|endoftext|>",
+        "num_tokens": int(toks.size),
+        "num_documents": 1,
+        "shards": [
+            {
+                "file": "tokens-00000.bin",
+                "num_tokens": int(toks.size),
+                "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
+            }
+        ],
+    }
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def expected_depth_state(source, sources: list[int]):
+    """The documented image of a depth growth that copies layers: layer i of the target is layer
+    sources[i] of `source` (weights and AdamW moments); everything else copied. Returns
+    ({param name: tensor}, {param name: {exp_avg, exp_avg_sq, step}})."""
+    old_p = {n: p.detach() for n, p in source.model.named_parameters()}
+    old_s = opt_state_by_name(source)
+    params, moments = {}, {}
+    for n in old_p:
+        if not n.startswith("layers."):
+            params[n], moments[n] = old_p[n].clone(), {k: v.clone() for k, v in old_s[n].items()}
+    for i, s in enumerate(sources):
+        for n in old_p:
+            if n.startswith(f"layers.{s}."):
+                new = f"layers.{i}." + n.split(".", 2)[2]
+                params[new] = old_p[n].clone()
+                moments[new] = {k: v.clone() for k, v in old_s[n].items()}
+    return params, moments
+
+
+def reference_step(cfg_model, train_cfg, params, moments, tokens, lr):
+    """A freshly built model + AdamW holding `params` / `moments`, after one step at `lr`: the
+    reference a grown state's first step must equal."""
+    model = Transformer(cfg_model)
+    model.load_state_dict(params)
+    opt = build_optimizer(model, train_cfg)
+    for n, p in model.named_parameters():
+        if n in moments:
+            opt.state[p] = {k: v.clone() for k, v in moments[n].items()}
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+    loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    opt.step()
+    return model, opt, loss.detach()
+
+
+def legacy_growth_table(**changes):
+    """A single [growth] table as older fastgrow versions stored it in checkpoints: every field present,
+    at_tokens = 0 meaning no growth, fields the op does not read included."""
+    table = {
+        "at_tokens": 0,
+        "op": "stack",
+        "factor": 4,
+        "target_layers": 0,
+        "spec": "",
+        "noise": 0.0,
+        "target_dim": 0,
+        "target_ffn_dim": 0,
+        "target_heads": 0,
+        "width_op": "direct",
+        "optimizer": "copy",
+        "schedule": "continue",
+        "rewarm_steps": 0,
+    }
+    return {**table, **changes}
+
+
+def stream_run(data_dir, out_dir, growth=(), model=None, data=None, train=None):
+    """A tiny CPU run over write_token_stream's data (2 layers, dim 32, 8 steps of 2 x 16 tokens)."""
+    from fastgrow.config import DataConfig
+
+    m = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32)
+    d = dict(data_dir=str(data_dir), seq_len=16, batch_size=2, val_fraction=0.05)
+    t = dict(device="cpu", max_steps=8, lr=3e-3, min_lr=3e-4, warmup_steps=2, seed=3, out_dir=str(out_dir))
+    t.update(log_every=2, eval_every=0, eval_batches=1, ckpt_every=0, progress=False)
+    return RunConfig(
+        model=ModelConfig(**{**m, **(model or {})}),
+        data=DataConfig(**{**d, **(data or {})}),
+        train=TrainConfig(**{**t, **(train or {})}),
+        growth=tuple(growth),
+    )

@@ -1,9 +1,11 @@
 import json
 
 import pytest
+from growth_helpers import legacy_growth_table
 
 from fastgrow.config import (
     ConfigError,
+    GrowthConfig,
     ModelConfig,
     RunConfig,
     apply_overrides,
@@ -39,7 +41,8 @@ def test_num_params_matches_the_module():
     [
         ({"dim": 100, "n_heads": 3}, "divisible by model.n_heads"),
         ({"n_heads": 4, "n_kv_heads": 3}, "must divide model.n_heads"),
-        ({"n_layers": 0}, "model.n_layers must be a positive integer"),
+        ({"n_layers": -1}, "model.n_layers must be a non-negative integer"),
+        ({"dim": 0}, "model.dim must be a positive integer"),
         ({"attn_backend": "magic"}, "model.attn_backend"),
         ({"dim": 12, "n_heads": 4, "n_kv_heads": 2}, "must be even for RoPE"),
     ],
@@ -131,21 +134,8 @@ def test_growth_table_is_one_stage_and_array_is_several(tmp_path):
 
 
 def test_legacy_growth_table_from_an_old_checkpoint():
-    legacy = {
-        "at_tokens": 96,
-        "op": "partial",
-        "factor": 4,  # ignored by partial in older versions: dropped, not refused
-        "target_layers": 0,
-        "spec": "1-2*3",
-        "noise": 0.0,
-        "target_dim": 0,
-        "target_ffn_dim": 0,
-        "target_heads": 0,
-        "width_op": "direct",
-        "optimizer": "copy",
-        "schedule": "rewarm",
-        "rewarm_steps": 2,
-    }
+    # factor: ignored by partial in older versions: dropped, not refused
+    legacy = legacy_growth_table(at_tokens=96, op="partial", spec="1-2*3", schedule="rewarm", rewarm_steps=2)
     (g,) = RunConfig.from_dict({"growth": legacy}).growth
     assert (g.op, g.spec, g.factor, g.width_op, g.rewarm_steps) == ("partial", "1-2*3", 0, "", 2)
     assert RunConfig.from_dict({"growth": {**legacy, "at_tokens": 0}}).growth == ()
@@ -188,3 +178,62 @@ def test_growth_overrides_address_stages():
     assert len(cfg.growth) == 2 and cfg.growth[1].jump_to_step == 7 and cfg.growth[1].op == "stack"
     cfg = apply_overrides(cfg, ["--growth.0.noise=0.1"])
     assert cfg.growth[0].noise == 0.1 and cfg.growth[1].noise == 0.0
+
+
+# Which optional fields each op and each schedule policy reads, restated from the README's tables.
+OP_READS = {
+    "stack": {"factor", "target_layers", "noise"},
+    "interpolate": {"factor", "target_layers", "noise"},
+    "partial": {"spec", "target_layers", "noise"},
+    "sources": {"spec", "target_layers", "noise"},
+    "zero": {"factor", "target_layers", "spec", "noise"},
+    "random": {"factor", "target_layers", "spec", "noise"},
+    "width": set(),
+}
+SCHEDULE_READS = {
+    "continue": set(),
+    "rewarm": {"rewarm_steps"},
+    "restart": {"lr", "min_lr", "warmup_steps", "horizon_steps"},
+    "jump": {"jump_to_step", "rewarm_steps", "lr", "min_lr"},
+}
+SAMPLE = {"factor": 2, "target_layers": 8, "spec": "1-2*3", "noise": 0.1}
+SCHEDULE_SAMPLE = {
+    "rewarm_steps": 3,
+    "lr": 1e-3,
+    "min_lr": 1e-4,
+    "warmup_steps": 5,
+    "horizon_steps": 50,
+    "jump_to_step": 7,
+}
+
+
+def _stage(op, schedule="continue", **kw):
+    needs = {"partial": {"spec": "1-2*3"}, "sources": {"spec": "1,2,1"}, "width": {"target_dim": 256}}
+    sched = {"rewarm": {"rewarm_steps": 2}, "jump": {"jump_to_step": 4}}
+    return GrowthConfig(
+        at_tokens=10, op=op, schedule=schedule, **{**needs.get(op, {}), **sched.get(schedule, {}), **kw}
+    )
+
+
+@pytest.mark.parametrize("op", sorted(OP_READS))
+def test_every_field_an_op_does_not_read_is_refused(op):
+    for field, value in SAMPLE.items():
+        if field in OP_READS[op]:
+            _stage(op, **{field: value})  # read: accepted
+        else:
+            with pytest.raises(ConfigError, match=f"growth.{field} = .* is not used: op '{op}'"):
+                _stage(op, **{field: value})
+    with pytest.raises(ConfigError, match="growth.width_op = 'zero' is not used"):
+        _stage("stack" if op == "width" else op, width_op="zero")
+    if op != "width":
+        assert _stage(op, width_op="zero", target_ffn_dim=512).width_op == "zero"
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULE_READS))
+def test_every_field_a_schedule_does_not_read_is_refused(schedule):
+    for field, value in SCHEDULE_SAMPLE.items():
+        if field in SCHEDULE_READS[schedule]:
+            _stage("stack", schedule, **{field: value})
+        else:
+            with pytest.raises(ConfigError, match=f"growth.{field} = .* is not used: schedule '{schedule}'"):
+                _stage("stack", schedule, **{field: value})

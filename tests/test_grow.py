@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from growth_helpers import (
     assert_same_snapshot,
     batch,
-    fresh_target_like,
+    expected_depth_state,
     opt_state_by_name,
+    reference_step,
     snapshot,
     tiny_run,
     train_step,
@@ -115,7 +117,9 @@ def test_zero_placement_spec():
         (GrowPlan("none", target_dim=64, target_heads=3), "not divisible by target_heads"),
         (GrowPlan("none", target_dim=36), "head dim"),
         (GrowPlan("none", target_dim=64, target_heads=16), "head dim must stay"),
-        (GrowPlan("none", target_dim=48), "integer multiples"),
+        (GrowPlan("none", target_dim=48), "integer multiple"),
+        (GrowPlan("zero", factor=2, spec="1020"), "give no factor"),
+        (GrowPlan("sources", spec="1,0,2"), "out of range 1..3"),
         (GrowPlan("none", target_ffn_dim=20), "shrink"),
         (GrowPlan("stack", factor=1), "does not grow"),
         (GrowPlan("sources", spec="1,2,3,4"), "out of range"),
@@ -138,6 +142,14 @@ def test_plan_field_validation():
         ({"optimizer": "keep"}, "optimizer"),
         ({"schedule": "rewarm"}, "rewarm_steps"),
         ({"factor": -1}, "factor"),
+        # strict settings: fields the operator does not read are refused, not ignored
+        ({"depth": "stack", "spec": "12-3456*5-56"}, "spec = '12-3456\\*5-56' is not used: op 'stack'"),
+        ({"depth": "partial", "spec": "1-2*3", "factor": 4}, "factor = 4 is not used: op 'partial'"),
+        ({"depth": "none", "target_dim": 64, "noise": 0.2}, "noise = 0.2 is not used: op 'width'"),
+        ({"depth": "stack", "factor": 2, "width": "zero"}, "width = 'zero' is not used: it needs a width target"),
+        ({"depth": "stack", "factor": 2, "rewarm_steps": 3}, "rewarm_steps = 3 is not used: schedule 'continue'"),
+        ({"depth": "stack", "factor": 2, "schedule": "rewarm", "rewarm_steps": 2, "warmup_steps": 5}, "warmup_steps"),
+        ({"depth": "stack", "factor": 2, "target_layers": 8}, "give one"),
     ]:
         with pytest.raises(ValueError, match=err):
             GrowPlan(**kw)
@@ -150,13 +162,16 @@ def test_zero_depth_growth_keeps_logits_exactly(base_state):
     tok = batch(61, 5)
     base_state.model.eval()
     ref = base_state.model(tok)
-    for plan in (GrowPlan("zero", factor=3), GrowPlan("zero", spec="102030")):
+    # New blocks appended on top (factor 3: 3 old + 6 new), or where the spec's 0s put them.
+    for plan, new in ((GrowPlan("zero", factor=3), range(3, 9)), (GrowPlan("zero", spec="102030"), (1, 3, 5))):
         g = grow(base_state, plan)
         assert g.model.cfg.n_layers == (9 if plan.factor else 6)
         out = g.model(tok)
         # New blocks add exact zeros to the residual stream: bitwise equal logits.
         assert torch.equal(out, ref)
-        new = [i for i, s in enumerate(resolve_plan(plan, base_state.model.cfg).sources) if s < 0]
+        old_at = [i for i in range(g.model.cfg.n_layers) if i not in new]
+        for i, j in zip(old_at, range(3)):
+            assert torch.equal(g.model.layers[i].attn.wqkv.weight, base_state.model.layers[j].attn.wqkv.weight)
         for i in new:
             blk = g.model.layers[i]
             assert torch.count_nonzero(blk.attn.wo.weight) == 0 and torch.count_nonzero(blk.mlp.w2.weight) == 0
@@ -166,76 +181,78 @@ def test_zero_depth_growth_keeps_logits_exactly(base_state):
     base_state.model.train()
 
 
-@pytest.mark.parametrize(
-    "plan",
-    [
-        GrowPlan("stack", factor=4),
-        GrowPlan("stack", target_layers=7),
-        GrowPlan("interpolate", factor=2),
-        GrowPlan("partial", spec="1-23*3-3"),
-        GrowPlan("sources", spec="3,2,1,1,2,3"),
-    ],
-)
-def test_stack_maps_layers_moments_and_step(base_state, plan):
+# Expected 0-based sources, written out by hand from the operators' definitions (3-layer base).
+DEPTH_CASES = [
+    (GrowPlan("stack", factor=4), [0, 1, 2] * 4),
+    (GrowPlan("stack", target_layers=7), [0, 1, 2, 0, 1, 2, 0]),
+    (GrowPlan("interpolate", factor=2), [0, 0, 1, 1, 2, 2]),
+    (GrowPlan("interpolate", target_layers=7), [0, 0, 0, 1, 1, 2, 2]),
+    (GrowPlan("partial", spec="1-23*3-3"), [0, 1, 2, 1, 2, 1, 2, 2]),
+    (GrowPlan("sources", spec="3,2,1,1,2,3"), [2, 1, 0, 0, 1, 2]),
+]
+
+
+@pytest.mark.parametrize("plan,sources", DEPTH_CASES)
+def test_stack_maps_layers_moments_and_step(base_state, plan, sources):
     g = grow(base_state, plan)
-    sources = resolve_plan(plan, base_state.model.cfg).sources
     assert g.model.cfg.n_layers == len(sources)
-    old_p = dict(base_state.model.named_parameters())
+    params, moments = expected_depth_state(base_state, sources)
     new_p = dict(g.model.named_parameters())
-    old_s, new_s = opt_state_by_name(base_state), opt_state_by_name(g)
-    assert set(new_s) == set(new_p)
-    for i, s in enumerate(sources):
-        for suffix in BLOCK:
-            n_new, n_old = f"layers.{i}.{suffix}", f"layers.{s}.{suffix}"
-            assert torch.equal(new_p[n_new], old_p[n_old])
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(new_s[n_new][key], old_s[n_old][key]), (n_new, key)
-            # Fresh storage, not aliases: training the grown model must not touch the old one.
-            assert new_p[n_new].data_ptr() != old_p[n_old].data_ptr()
-            assert new_s[n_new]["exp_avg"].data_ptr() != old_s[n_old]["exp_avg"].data_ptr()
-    for n in ("tok_embeddings.weight", "norm.weight", "output.weight"):
-        assert torch.equal(new_p[n], old_p[n])
-        assert torch.equal(new_s[n]["exp_avg_sq"], old_s[n]["exp_avg_sq"])
+    new_s = opt_state_by_name(g)
+    assert set(new_p) == set(params) and set(new_s) == set(moments)
+    old_ptrs = {p.data_ptr() for p in base_state.model.parameters()}
+    old_ptrs |= {st["exp_avg"].data_ptr() for st in base_state.optimizer.state.values()}
+    for n, p in new_p.items():
+        assert torch.equal(p, params[n]), n
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(new_s[n][key], moments[n][key]), (n, key)
+        # Fresh storage, not aliases: training the grown model must not touch the old one.
+        assert p.data_ptr() not in old_ptrs and new_s[n]["exp_avg"].data_ptr() not in old_ptrs
     assert g.step == base_state.step and g.tokens == base_state.tokens
     assert g.config is base_state.config  # the run config as launched; the live arch is model.cfg
     assert g.cursor == base_state.cursor and g.cursor is not base_state.cursor
     rec = g.growth_history[-1]
-    assert rec["sources"] == sources and rec["step"] == 3
+    assert rec["sources"] == sources and rec["step"] == 3 and rec["stage"] == 0
     assert rec["params_after"] == g.model.num_params() and rec["params_before"] == base_state.model.num_params()
     json.dumps(rec)
 
 
 @pytest.mark.parametrize(
-    "plan",
+    "plan,sources,lr_factor",
     [
-        GrowPlan("stack", factor=2),
-        GrowPlan("partial", spec="1-23*2", noise=0.2, schedule="rewarm", rewarm_steps=3),
-        GrowPlan("random", factor=2),
-        GrowPlan("stack", factor=2, optimizer="reset", schedule="restart"),
-        GrowPlan("stack", factor=2, target_dim=64, target_ffn_dim=80),
+        (GrowPlan("stack", factor=2), [0, 1, 2, 0, 1, 2], 1.0),
+        # rewarm over 3 steps: the first step after growth runs at 1/3 of the scheduled LR
+        (GrowPlan("partial", spec="1-23*2", schedule="rewarm", rewarm_steps=3), [0, 1, 2, 1, 2], 1 / 3),
     ],
 )
-def test_one_step_after_growth_equals_fresh_target(base_state, plan):
+def test_one_step_after_growth_equals_a_target_built_from_the_sources(base_state, plan, sources, lr_factor):
+    """The reference is a fresh target model + AdamW loaded with the documented image of the *source*
+    state (layer i <- layer sources[i], moments and step with it), stepped once at the LR the policy
+    gives: the grown state's first step must land on it bit for bit."""
     g = grow(base_state, plan)
-    model, opt = fresh_target_like(g)
-    for grp_new, grp_ref in zip(g.optimizer.param_groups, opt.param_groups):
-        assert grp_new["group"] == grp_ref["group"]
-        assert grp_new["weight_decay"] == grp_ref["weight_decay"]
-        assert len(grp_new["params"]) == len(grp_ref["params"])
+    params, moments = expected_depth_state(base_state, sources)
     tok = batch(61, 9)
-    lr = g.schedule.lr_at(g.step)
+    lr = base_state.schedule.scheduled(base_state.step) * lr_factor
+    model, opt, loss_r = reference_step(g.model.cfg, base_state.config.train, params, moments, tok, lr)
     loss_g = train_step(g, tok)
-    for grp in opt.param_groups:
-        grp["lr"] = lr
-    loss_r = model(tok[:, :-1], tok[:, 1:])
-    loss_r.backward()
-    opt.step()
-    assert torch.equal(loss_g, loss_r.detach())
-    for (n, p), (_, q) in zip(g.model.named_parameters(), model.named_parameters()):
+    assert torch.equal(loss_g, loss_r)
+    for grp_new, grp_ref in zip(g.optimizer.param_groups, opt.param_groups):
+        assert (grp_new["group"], grp_new["weight_decay"]) == (grp_ref["group"], grp_ref["weight_decay"])
+        assert len(grp_new["params"]) == len(grp_ref["params"])
+    for (n, p), q in zip(g.model.named_parameters(), model.parameters()):
         assert torch.equal(p, q), n
-    for p, q in zip(g.model.parameters(), model.parameters()):
         for k in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(g.optimizer.state[p][k], opt.state[q][k])
+            assert torch.equal(g.optimizer.state[p][k], opt.state[q][k]), (n, k)
+
+
+def test_reset_optimizer_starts_from_nothing(base_state):
+    g = grow(base_state, GrowPlan("stack", factor=2, optimizer="reset"))
+    assert len(g.optimizer.state) == 0
+    params, _ = expected_depth_state(base_state, [0, 1, 2, 0, 1, 2])
+    for n, p in g.model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    train_step(g, batch(61, 2))
+    assert all(torch.equal(st["step"], torch.tensor(1.0)) for st in g.optimizer.state.values())
 
 
 def test_param_groups_after_growth(base_state):
@@ -250,17 +267,109 @@ def test_param_groups_after_growth(base_state):
     assert groups["no_decay"]["weight_decay"] == 0.0
 
 
-def test_reset_optimizer_and_schedule_policies(base_state):
-    g = grow(base_state, GrowPlan("stack", factor=2, optimizer="reset", schedule="restart"))
+def test_schedule_policies_by_hand():
+    """Each policy's LR at a few steps, worked out by hand from the policy's definition. Base schedule:
+    cosine, peak 1e-2 -> 1e-3, warmup 2, 20 steps; growth at step 3."""
+    st = trained_state(tiny_run(), steps=3)
+
+    def cos(peak, lo, pos, warmup, horizon):
+        if pos < warmup:
+            return peak * (pos + 1) / warmup
+        frac = min(1.0, (pos - warmup) / (horizon - warmup))
+        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * frac))
+
+    g = grow(st, GrowPlan("stack", factor=2))  # continue: the same schedule
+    assert g.schedule == st.schedule and g.schedule is not st.schedule
+    g = grow(st, GrowPlan("stack", factor=2, schedule="rewarm", rewarm_steps=4))
+    for step, ramp in ((3, 1 / 4), (5, 3 / 4), (7, 1.0), (12, 1.0)):
+        assert g.schedule.lr_at(step) == pytest.approx(cos(1e-2, 1e-3, step, 2, 20) * ramp, rel=1e-12)
+    # restart, defaults: the base's peak, min, warmup, decaying to the end of the run from step 3.
+    g = grow(st, GrowPlan("stack", factor=2, schedule="restart"))
+    for step in (3, 4, 5, 11, 19):
+        assert g.schedule.lr_at(step) == pytest.approx(cos(1e-2, 1e-3, step - 3, 2, 17), rel=1e-12)
+    # restart with the grown phase's own peak / warmup / horizon (min_lr keeps the base's ratio 1/10).
+    g = grow(st, GrowPlan("stack", factor=2, schedule="restart", lr=4e-3, warmup_steps=3, horizon_steps=10))
+    for step in (3, 5, 6, 9, 13, 15, 40):
+        assert g.schedule.lr_at(step) == pytest.approx(cos(4e-3, 4e-4, step - 3, 3, 10), rel=1e-12)
+    g = grow(st, GrowPlan("stack", factor=2, schedule="restart", lr=4e-3, min_lr=0.0))
+    assert g.schedule.lr_at(19) == pytest.approx(cos(4e-3, 0.0, 16, 2, 17), rel=1e-12)
+    # jump to step 10 of the target's schedule, which ends with the run: position 10 at step 3, and the
+    # horizon is 10 + the 17 steps left = 27; re-warm over 2 steps.
+    g = grow(st, GrowPlan("stack", factor=2, schedule="jump", jump_to_step=10, rewarm_steps=2))
+    for step, ramp in ((3, 1 / 2), (4, 1.0), (8, 1.0), (19, 1.0)):
+        assert g.schedule.lr_at(step) == pytest.approx(cos(1e-2, 1e-3, step + 7, 2, 27) * ramp, rel=1e-12)
+    g = grow(st, GrowPlan("stack", factor=2, schedule="jump", jump_to_step=0, lr=5e-3))
+    assert g.schedule.lr_at(3) == pytest.approx(cos(5e-3, 5e-4, 0, 2, 17), rel=1e-12)
+    with pytest.raises(ValueError, match="min_lr"):
+        grow(st, GrowPlan("stack", factor=2, schedule="restart", min_lr=0.5))
+    with pytest.raises(ValueError, match="jump_to_step"):
+        GrowPlan("stack", factor=2, schedule="jump")
+    with pytest.raises(ValueError, match="lr = 0.1 is not used: schedule 'continue'"):
+        GrowPlan("stack", factor=2, lr=0.1)
+
+
+def test_prts_recipe_schedule():
+    """prts (tongxuluo/prts, pretrain/run_pretrain.py + g_stack.sh): the grown model starts a fresh AdamW
+    and a new cosine schedule, peak 3e-4, min 3e-5, 3000 warmup steps, decaying over 300000 steps from
+    the growth step (its base ran at peak 1e-3). prts's get_lr(it) = peak * it / warmup in warmup; ours
+    is one step ahead in warmup ((pos + 1) / warmup: the first step does not run at LR 0)."""
+    run = tiny_run(train_lr=1e-3, train_min_lr=1e-4, train_warmup_steps=3000, train_max_steps=305_000)
+    st = trained_state(run, steps=1)
+    st.step = 5000
+    plan = GrowPlan("stack", factor=2, optimizer="reset", schedule="restart", lr=3e-4, min_lr=3e-5, warmup_steps=3000)
+    plan = GrowPlan(**{**plan.to_dict(), "horizon_steps": 300_000})
+    g = grow(st, plan)
     assert len(g.optimizer.state) == 0
-    assert g.schedule.offset == base_state.step
-    assert g.schedule.lr_at(g.step) == pytest.approx(base_state.schedule.lr_at(0))
-    g = grow(base_state, GrowPlan("stack", factor=2, schedule="rewarm", rewarm_steps=4))
-    assert (g.schedule.rewarm_start, g.schedule.rewarm_steps) == (3, 4)
-    assert g.schedule.lr_at(3) == pytest.approx(base_state.schedule.scheduled(3) / 4)
-    assert g.schedule.lr_at(7) == pytest.approx(base_state.schedule.scheduled(7))
-    g = grow(base_state, GrowPlan("stack", factor=2))
-    assert g.schedule == base_state.schedule and g.schedule is not base_state.schedule
+
+    def prts_get_lr(it, peak=3e-4, lo=3e-5, warmup=3000, decay=300_000):
+        if it < warmup:
+            return peak * it / warmup
+        if it > decay:
+            return lo
+        ratio = (it - warmup) / (decay - warmup)
+        return lo + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - lo)
+
+    for it in (0, 1, 1500, 2999):
+        assert g.schedule.lr_at(5000 + it) == pytest.approx(prts_get_lr(it + 1), rel=1e-12)
+    for it in (3000, 3001, 150_000, 299_999, 300_000, 310_000):
+        assert g.schedule.lr_at(5000 + it) == pytest.approx(prts_get_lr(it), rel=1e-12)
+
+
+def test_zero_and_random_grow_a_0_layer_base():
+    """Bu et al. 2025: a 0-layer base (embeddings, final norm, head) is a model; zero / random fill it
+    with layers (zero keeps its function exactly), stack has nothing to copy."""
+    st = trained_state(tiny_run(n_layers=0), steps=2)
+    assert st.model.cfg.n_layers == 0 and len(st.model.layers) == 0
+    tok = batch(61, 4)
+    with torch.no_grad():
+        ref = st.model(tok)
+        g = grow(st, GrowPlan("zero", target_layers=4))
+        assert torch.equal(g.model(tok), ref)
+    assert g.growth_history[-1]["sources"] == [-1, -1, -1, -1]
+    for blk in g.model.layers:
+        assert torch.count_nonzero(blk.attn.wo.weight) == 0 and torch.count_nonzero(blk.mlp.w2.weight) == 0
+    assert torch.equal(g.model.output.weight, st.model.output.weight)
+    assert torch.equal(
+        opt_state_by_name(g)["output.weight"]["exp_avg"], opt_state_by_name(st)["output.weight"]["exp_avg"]
+    )
+    r = grow(st, GrowPlan("random", target_layers=2))
+    assert r.model.cfg.n_layers == 2 and r.model.layers[1].attn.wo.weight.std() > 0
+    train_step(g, tok)
+    with pytest.raises(ValueError, match="has none"):
+        grow(st, GrowPlan("stack", target_layers=4))
+    with pytest.raises(ValueError, match="give target_layers"):
+        grow(st, GrowPlan("zero", factor=2))
+
+
+def test_stack_grows_a_1_layer_base():
+    st = trained_state(tiny_run(n_layers=1), steps=2)
+    g = grow(st, GrowPlan("stack", target_layers=5))
+    params, moments = expected_depth_state(st, [0] * 5)
+    for n, p in g.model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert torch.equal(opt_state_by_name(g)[n]["exp_avg_sq"], moments[n]["exp_avg_sq"]), n
+    assert g.growth_history[-1]["connection_rate"] == 0.0
+    train_step(g, batch(61, 5))
 
 
 def test_noise_and_random_are_seeded_and_leave_global_rng(base_state):
@@ -374,6 +483,8 @@ def test_grow_on_gpu_has_no_host_sync():
         GrowPlan("zero", factor=2, noise=0.2),
         GrowPlan("random", factor=2, target_dim=256, width="random"),
         GrowPlan("stack", factor=2, target_dim=256, target_ffn_dim=512, schedule="rewarm", rewarm_steps=5),
+        GrowPlan("none", width="zero", target_dim=256, target_ffn_dim=320),
+        GrowPlan("none", target_ffn_dim=384),  # direct, a non-integer FFN ratio (index_select path)
     ]
     for plan in plans:
         torch.cuda.set_sync_debug_mode("error")

@@ -182,7 +182,7 @@ def test_bad_learn_settings_are_one_clear_error(tokens, tmp_path, growth, err):
 
 
 def test_study_learn_variant_budget_counts_the_learn_steps(tmp_path):
-    from fastgrow.study import equal_flops_steps, load_study, plan_study
+    from fastgrow.study_config import equal_flops_steps_phases, load_study, plan_study
 
     study = load_study(os.path.join(os.path.dirname(__file__), "..", "tools", "study", "cpu.toml"))
     runs = {r.variant.name: r for r in plan_study(study, tmp_path)}
@@ -198,5 +198,6 @@ def test_study_learn_variant_budget_counts_the_learn_steps(tmp_path):
     assert abs(learn.planned_flops - learn.budget_flops) <= 0.5 * tps * f_l
     # Learning costs more than the large steps it replaces, so the learn run has fewer steps than stack's.
     assert per_learn > tps * f_l and learn.max_steps < stack.max_steps
-    with pytest.raises(ValueError, match="the small phase and the operator's training cost"):
-        equal_flops_steps(learn.budget_flops, f_s, f_l, k, tps, 10, learn.budget_flops)
+    # A learning phase that costs the whole budget leaves nothing for the grown model.
+    with pytest.raises(ValueError, match="grow earlier"):
+        equal_flops_steps_phases(learn.budget_flops, [(k, f_s), (10, learn.budget_flops / (10 * tps))], f_l, tps)

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from growth_helpers import legacy_growth_table, stream_run, write_token_stream
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, read_meta
-from fastgrow.config import DataConfig, GrowthConfig, ModelConfig, RunConfig, TrainConfig
+from fastgrow.config import GrowthConfig, RunConfig
 from fastgrow.grow import GrowPlan
 from fastgrow.grow_cli import add_growth_commands, grow_checkpoint
 from fastgrow.train import train as _train
@@ -55,57 +55,12 @@ def train(cfg, **kw):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A tiny token stream in the loader's on-disk format (uint16 shard + meta.json)."""
-    d = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    # A learnable stream: a noisy repeating pattern, so losses move and growth has something to carry.
-    base = np.tile(np.arange(1, 41, dtype=np.uint16), 200)
-    noise = rng.integers(1, VOCAB, size=base.size, dtype=np.uint16)
-    toks = np.where(rng.random(base.size) < 0.1, noise, base).astype("<u2")
-    (d / "tokens-00000.bin").write_bytes(toks.tobytes())
-    meta = {
-        "format": "fastgrow-tokens",
-        "format_version": 1,
-        "dtype": "uint16",
-        "byte_order": "little",
-        "vocab_size": VOCAB,
-        "eos_id": 0,
-        "eos_token": "<|endoftext|>",
-        "num_tokens": int(toks.size),
-        "num_documents": 1,
-        "shards": [
-            {
-                "file": "tokens-00000.bin",
-                "num_tokens": int(toks.size),
-                "sha256": hashlib.sha256(toks.tobytes()).hexdigest(),
-            }
-        ],
-    }
-    (d / "meta.json").write_text(json.dumps(meta))
-    return d
+    return write_token_stream(tmp_path_factory.mktemp("tokens"), vocab=VOCAB)
 
 
 def run_cfg(data_dir, out_dir, growth: tuple[GrowthConfig, ...] | None = None) -> RunConfig:
-    return RunConfig(
-        model=ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=32),
-        data=DataConfig(data_dir=str(data_dir), seq_len=16, batch_size=2, val_fraction=0.05),
-        train=TrainConfig(
-            device="cpu",
-            max_steps=8,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=2,
-            seed=3,
-            out_dir=str(out_dir),
-            log_every=2,
-            eval_every=0,
-            eval_batches=1,
-            ckpt_every=0,
-            progress=False,
-        ),
-        growth=(GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),)
-        if growth is None
-        else growth,
-    )
+    default = (GrowthConfig(at_tokens=3 * 32, op="stack", factor=2, schedule="rewarm", rewarm_steps=2),)
+    return stream_run(data_dir, out_dir, default if growth is None else growth)
 
 
 def params_of(state) -> dict[str, torch.Tensor]:
@@ -363,21 +318,7 @@ def test_resume_a_checkpoint_with_a_legacy_growth_table(data_dir, tmp_path, stra
     train(cfg, echo=False, until_step=2)
     ckpt = latest_checkpoint(tmp_path / "run")
     meta = json.loads((ckpt / "state.json").read_text())
-    meta["config"]["growth"] = {
-        "at_tokens": 96,
-        "op": "stack",
-        "factor": 2,
-        "target_layers": 0,
-        "spec": "",
-        "noise": 0.0,
-        "target_dim": 0,
-        "target_ffn_dim": 0,
-        "target_heads": 0,
-        "width_op": "direct",
-        "optimizer": "copy",
-        "schedule": "rewarm",
-        "rewarm_steps": 2,
-    }
+    meta["config"]["growth"] = legacy_growth_table(at_tokens=96, factor=2, schedule="rewarm", rewarm_steps=2)
     (ckpt / "state.json").write_text(json.dumps(meta))
     manifest = json.loads((ckpt / MANIFEST).read_text())
     f = ckpt / "state.json"
@@ -385,3 +326,22 @@ def test_resume_a_checkpoint_with_a_legacy_growth_table(data_dir, tmp_path, stra
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     second = train(cfg, resume=True, echo=False)
     assert_bitwise(params_of(second.state), params_of(straight.state))
+
+
+def test_a_0_layer_base_grows_in_a_run_and_the_progress_line_shows_the_loss(data_dir, tmp_path, capsys):
+    """Bu et al. 2025's 0-layer base (embeddings and head only) grown late in a WSD run with identity
+    blocks: the loss right after growth is the loss before it, and the progress bar's growth line says so."""
+    cfg = run_cfg(data_dir, tmp_path / "z", growth=(GrowthConfig(at_tokens=5 * 32, op="zero", target_layers=2),))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, n_layers=0),
+        train=dataclasses.replace(cfg.train, schedule="wsd", progress=True),
+    )
+    res = train(cfg, echo=True)
+    (g,) = [r for r in res.records if r["kind"] == "growth"]
+    assert (g["layers_before"], g["layers_after"], g["step"]) == (0, 2, 5)
+    assert g["val_loss_after"] == g["val_loss_before"]
+    err = capsys.readouterr().err
+    assert (
+        "growth[0] zero 0→2 layers" in err and f"val_loss {g['val_loss_before']:.4f} → {g['val_loss_after']:.4f}" in err
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 
@@ -104,3 +106,87 @@ def test_tiny_runs_are_outside_the_fit_and_get_clamped():
     assert plan_growth(None, budget, preset="tiny").growth_tokens == budget // 2
     assert auto_growth_tokens(run, MODEL_PRESETS["tiny"], max_fraction=0.25) == budget // 4
     assert math.isfinite(p.flops_small)
+
+
+# --- Staged Training's multi-stage planner -------------------------------------------------------------------
+
+
+def _numeric_efficiency(law, n, loss):
+    """-dL/dC along n's training curve at `loss`, by a central difference of L(n, D) at the D that reaches
+    it (D found by bisection on L itself): independent of the closed forms in plan_stages."""
+    lo, hi = 1.0, 1e30
+    for _ in range(300):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if law.loss(n, mid) > loss else (lo, mid)
+    d, h = math.sqrt(lo * hi), 1e-4
+    return -(law.loss(n, d * (1 + h)) - law.loss(n, d * (1 - h))) / (6 * n * 2 * h * d)
+
+
+def test_staged_growth_point_equalises_loss_per_flop():
+    from fastgrow.plan_stages import ScalingLaw
+
+    law = ScalingLaw()
+    for n1, n2 in [(7.7e7, 1.54e8), (3e8, 1.2e9), (1e6, 2e6)]:
+        l_star = law.crossover(n1, n2)
+        e1, e2 = _numeric_efficiency(law, n1, l_star), _numeric_efficiency(law, n2, l_star)
+        assert e1 == pytest.approx(e2, rel=1e-5)
+        # Above the crossover (earlier in training) the small model is the more efficient, below it the large.
+        assert _numeric_efficiency(law, n1, l_star * 1.05) > _numeric_efficiency(law, n2, l_star * 1.05)
+        assert _numeric_efficiency(law, n1, l_star * 0.999) < _numeric_efficiency(law, n2, l_star * 0.999)
+
+
+def test_staged_plan_for_410m():
+    from fastgrow.plan_stages import ScalingLaw, plan_stages
+
+    law, tps = ScalingLaw(), 524288
+    target = MODEL_PRESETS["410M"]
+    plan = plan_stages(target, 100 * 10**9, stages=2, grow="depth", tokens_per_step=tps, rewarm_steps=200)
+    assert [s.model.n_layers for s in plan.stages] == [6, 12, 24] and plan.dropped == 0
+    assert plan.stages[0].model == dataclasses.replace(target, n_layers=6)
+    n = [s.params for s in plan.stages]
+    assert n == [dataclasses.replace(target, n_layers=k).num_params(include_embeddings=False) for k in (6, 12, 24)]
+    ats = [g["at_tokens"] for g in plan.growths]
+    assert ats == sorted(ats) and all(a % tps == 0 for a in ats)
+    assert sum(s.tokens for s in plan.stages) == plan.budget_tokens
+    eff = 0.0
+    for k, (st, g) in enumerate(zip(plan.stages, plan.growths)):
+        # Grown where the efficiencies cross (to within the rounding to a whole step) ...
+        assert st.loss_end == pytest.approx(law.crossover(n[k], n[k + 1]), abs=2e-3)
+        # ... the next phase starts at that loss (growth preserves it) ...
+        assert plan.stages[k + 1].loss_start == st.loss_end
+        # ... and the schedule jumps to where a from-scratch run of the grown model is at that loss.
+        d_next = law.d_c * (st.loss_end - (law.n_c / n[k + 1]) ** law.alpha_n) ** (-1 / law.alpha_d)
+        assert g["jump_to_step"] == round(d_next / tps) and g["schedule"] == "jump" and g["rewarm_steps"] == 200
+        assert st.loss_end == pytest.approx(law.loss(n[k], eff + st.tokens), rel=1e-12)
+        eff = d_next
+    assert plan.flops == pytest.approx(sum(6 * s.params * s.tokens for s in plan.stages), rel=1e-9)
+    assert plan.flops < plan.scratch_flops  # the staged run reaches the final loss for less compute
+
+
+def test_plan_stages_command_prints_a_config_that_loads(tmp_path, capsys):
+    from fastgrow.config import load_toml
+    from fastgrow.grow_cli import add_growth_commands
+    from fastgrow.stages import check_stages
+
+    p = argparse.ArgumentParser(prog="fastgrow")
+    add_growth_commands(p.add_subparsers(dest="command", required=True))
+    for grow in ("depth", "width", "alternate"):
+        args = p.parse_args(["plan", "--preset", "410M", "--tokens", "100B", "--stages", "2", "--grow", grow])
+        assert args.func(args, []) == 0
+        out = capsys.readouterr().out
+        toml_text = out[out.index("[model]") :]
+        f = tmp_path / f"{grow}.toml"
+        f.write_text(toml_text + "\n[data]\nseq_len = 2048\nbatch_size = 256\n[train]\nmax_steps = 190735\n")
+        cfg = load_toml(f)
+        assert len(cfg.growth) == 2 and all(g.schedule == "jump" for g in cfg.growth)
+        # The chain is valid stage after stage, reachable in the run, and ends at the 410M target.
+        check_stages(cfg, cfg.model)
+        from fastgrow.stages import stage_targets
+
+        assert stage_targets(cfg)[-1].architecture() == MODEL_PRESETS["410M"].architecture()
+    args = p.parse_args(["plan", "--params", "13B", "--tokens", "300B", "--stages", "2"])
+    with pytest.raises(ValueError, match="needs the target's architecture"):
+        args.func(args, [])
+    args = p.parse_args(["plan", "--params", "13B", "--tokens", "300B"])
+    assert args.func(args, []) == 0
+    assert "no preset within 1.25x" in capsys.readouterr().out

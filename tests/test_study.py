@@ -196,9 +196,9 @@ def test_shipped_configs_plan_equal_flops_and_data_order(path, tmp_path):
     assert names[0] == "scratch" and len(set(names)) == len(names)
     ops = {r.variant.op for r in runs}
     assert {"stack", "interpolate", "partial", "zero", "random", "base"} <= ops
-    assert all(len(r.config.growth) == 1 for r in runs if r.variant.grows)
+    assert all(len(r.config.growth) == (2 if r.variant.op == "stages" else 1) for r in runs if r.variant.grows)
     assert not any(r.config.growth for r in runs if not r.variant.grows)
-    grown = [r.config.growth[0] for r in runs if r.variant.grows]
+    grown = [g for r in runs for g in r.config.growth]
     assert any(g.noise == pytest.approx(0.2) for g in grown)
     assert {g.optimizer for g in grown} == {"copy", "reset"}
     assert {"continue", "rewarm"} <= {g.schedule for g in grown}
@@ -220,6 +220,61 @@ def test_shipped_configs_plan_equal_flops_and_data_order(path, tmp_path):
         )
         assert abs(r.planned_flops - r.budget_flops) <= 0.5 * study.tokens_per_step * f_l
         assert c.train.out_dir == str(tmp_path / r.variant.name)
+
+
+def test_shipped_variants_do_what_their_names_say(tmp_path):
+    """The CPU config's named recipes, checked against their definitions (FLOPs recomputed by hand)."""
+    study = load_study(CPU_TOML)
+    runs = {r.variant.name: r for r in plan_study(study, tmp_path)}
+    t, tps = study.target, study.tokens_per_step
+    B = t.train.max_steps * tps * flops_per_token(t.model, t.data.seq_len)
+
+    def f(layers):
+        return flops_per_token(dataclasses.replace(t.model, n_layers=layers), t.data.seq_len)
+
+    # Two growths x2 at 10% and 30% of D: phases of 2, 4 and 8 layers, each at its own FLOPs.
+    r = runs["stack-2x2-stages"]
+    k1, k2 = math.ceil(0.1 * study.budget_tokens / tps), math.ceil(0.3 * study.budget_tokens / tps)
+    assert [g.at_tokens for g in r.config.growth] == [k1 * tps, k2 * tps] and r.growth_steps == (k1, k2)
+    assert [(g.op, g.factor) for g in r.config.growth] == [("stack", 2), ("stack", 2)]
+    early = k1 * tps * f(2) + (k2 - k1) * tps * f(4)
+    assert r.max_steps == k2 + round((B - early) / (tps * f(8)))
+    assert r.planned_flops == pytest.approx(early + (r.max_steps - k2) * tps * f(8), rel=1e-12)
+    # prts's recipe: fresh AdamW, its own cosine from the growth step at 0.3x the base's peak, min 1/10 of
+    # it, a warmup of 1% of the grown phase, the planner timing.
+    r = runs["prts-recipe"]
+    (g,) = r.config.growth
+    assert (g.op, g.optimizer, g.schedule, g.horizon_steps) == ("stack", "reset", "restart", None)
+    assert g.lr == pytest.approx(0.3 * t.train.lr) and g.min_lr == pytest.approx(g.lr / 10)
+    assert g.warmup_steps == round(0.01 * (r.max_steps - r.growth_step))
+    assert r.growth_tokens == runs["stack"].growth_tokens
+    # Bu et al.: a 1-layer (0-layer) base grown once after 80% of its own steps, under WSD.
+    for name, layers, op in (("bu-1layer-stack-0.8R-wsd", 1, "stack"), ("bu-0layer-zero-0.8R-wsd", 0, "zero")):
+        r = runs[name]
+        assert r.config.model.n_layers == layers and r.config.growth[0].op == op
+        assert r.config.train.schedule == "wsd" and r.config.growth[0].target_layers == t.model.n_layers
+        assert abs(r.growth_step / r.max_steps - 0.8) < 2 / r.max_steps
+        early = r.growth_step * tps * f(layers)
+        assert r.max_steps == r.growth_step + round((B - early) / (tps * f(8)))
+    r = runs["scratch-wsd"]
+    assert r.config.model == t.model and r.config.train.schedule == "wsd" and not r.config.growth
+    assert r.max_steps == t.train.max_steps
+
+
+def test_variant_settings_are_strict():
+    for kw, needle in [
+        ({"name": "b", "op": "base", "noise": 0.2}, "noise is not used by op 'base'"),
+        ({"name": "t", "op": "target", "base_layers": 1}, "base_layers is not used by op 'target'"),
+        ({"name": "s", "op": "stages"}, "needs \\[\\[variant.stage\\]\\] tables"),
+        ({"name": "s", "op": "stages", "stage": [{"op": "stack", "factor": 2}]}, "stage 0: needs a timing"),
+        ({"name": "s", "op": "stages", "stage": [{"timing": "0.1D", "fator": 2}]}, "unknown key"),
+        ({"name": "s", "op": "stages", "stage": [{"timing": "0.5R", "factor": 2}]}, "one-growth variants"),
+        ({"name": "s", "op": "stages", "timing": "0.1D", "stage": [{"timing": "0.1D"}]}, "timing is not used"),
+        ({"name": "c", "op": "stack", "lr": 1e-3}, "variant c: growth.lr = 0.001 is not used: schedule 'continue'"),
+        ({"name": "w", "op": "stack", "lr_schedule": "linear"}, "lr_schedule must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            Variant(**kw)
 
 
 # --- end to end on the CPU config ---------------------------------------------------------------------------

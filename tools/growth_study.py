@@ -24,16 +24,18 @@ def _plan_text(study, out: Path) -> str:
     from fastgrow.study import plan_study, planner_tokens
 
     runs = plan_study(study, out)
+    w = max(22, *(len(r.variant.name) for r in runs))
     lines = [
         f"study {study.name}: target {study.target.model.n_layers} layers "
         f"({study.target.model.num_params():,} params), "
         f"base {study.base.n_layers} layers, budget {study.budget_tokens:,} tokens (D), planner d = "
         f"{planner_tokens(study):,} tokens",
-        f"{'variant':<22} {'op':<12} {'grow at tokens':>16} {'grow step':>9} {'steps':>7} {'FLOPs/budget':>12}",
+        f"{'variant':<{w}} {'op':<12} {'grow at tokens':>16} {'grow step(s)':>12} {'steps':>7} {'FLOPs/budget':>12}",
     ]
     for r in runs:
+        steps = ",".join(map(str, r.growth_steps)) or str(r.growth_step)
         lines.append(
-            f"{r.variant.name:<22} {r.variant.op:<12} {r.growth_tokens:>16,} {r.growth_step:>9} {r.max_steps:>7} "
+            f"{r.variant.name:<{w}} {r.variant.op:<12} {r.growth_tokens:>16,} {steps:>12} {r.max_steps:>7} "
             f"{r.planned_flops / r.budget_flops:>12.4f}"
         )
     return "\n".join(lines)

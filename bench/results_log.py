@@ -40,19 +40,3 @@ def record(name: str, **fields: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({**environment(), **fields}, sort_keys=True) + "\n")
-
-
-def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median milliseconds of `fn()` on the GPU, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]

@@ -7,14 +7,16 @@ GPU (bf16, causal):
   head dims 64 and 128, MHA) for our Triton kernel, torch SDPA's default dispatch, each SDPA backend
   (flash, cuDNN, memory-efficient) forced with `sdpa_kernel`, and flash-attn when installed.
 - test_attention_model_shapes: the presets' training shapes (batch 8 x seq 2048; 1.1B is GQA 32/4).
-- test_attention_config_sweep: alternatives to the Triton launch table, to re-choose it from data.
+- test_attention_config_sweep: each kernel's configs timed one by one (the launchers' first-use tuner
+  does the same per key; this keeps every number).
+FASTGROW_BENCH_QUICK=1 (tools/gpu_check.sh): only the model shapes, triton vs SDPA's default dispatch.
 CPU: tiny shapes for the reference and SDPA, and our kernel at one tiny shape when the interpreter is on
 (bench/conftest.py turns it on without CUDA): only a harness check, CPU numbers mean nothing.
 
 FLOPs (FlashAttention convention): forward 4 * b * h * s^2 * d, halved when causal; backward 2.5x forward.
-Timing follows bench/README.md (L2-evicting memset, then CUDA events around one call; median of 30).
+Timing: bench/kernel_harness.py (L2 flushed in pedantic's untimed setup, CUDA events around one call).
 Each benchmark stores TFLOP/s and median ms in `benchmark.extra_info` and, when FASTGROW_BENCH_OUT is set,
-appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/results_log.py).
+appends a JSON line to $FASTGROW_BENCH_OUT/attention.jsonl (via bench/kernel_harness.py).
 """
 
 from __future__ import annotations
@@ -23,15 +25,13 @@ import contextlib
 import dataclasses
 import importlib
 import math
-import statistics
-import time
 
 import pytest
 import torch
 import triton
 from fastgrow.kernels._common import interpreter_enabled
 from fastgrow.kernels.attention import attention
-from results_log import record  # bench/results_log.py: adds torch/triton versions, commit, date
+from kernel_harness import QUICK, emit, measure
 
 CUDA = torch.cuda.is_available()
 if CUDA:
@@ -101,41 +101,11 @@ def _make_step(backend: str, which: str, b: int, s: int, h: int, d: int, hk: int
 def _time_and_record(
     benchmark, step, b: int, h: int, seq: int, d: int, backend: str, which: str, hk: int | None = None, **extra
 ):
-    """Benchmark `step`, put TFLOP/s etc. in benchmark.extra_info and the JSONL file.
-
-    The bench/README.md harness: on CUDA each round zeroes a 512 MB buffer (evicts L2, and keeps the GPU
-    busy while the host enqueues the call, so host overhead stays out), then times one call with CUDA
-    events; median over the rounds. On a CPU: wall time per call. pytest-benchmark's own table shows
-    wall time per round, memset and sync included: read the numbers from extra_info / JSONL.
-    """
-    times_ms: list[float] = []
-    if CUDA:
-        flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
-
-        def run():
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times_ms.append(start.elapsed_time(end))
-    else:
-
-        def run():
-            t0 = time.perf_counter()
-            step()
-            times_ms.append((time.perf_counter() - t0) * 1e3)
-
-    benchmark.pedantic(run, rounds=30 if CUDA else 3, warmup_rounds=2 if CUDA else 0, iterations=1)
-    if not times_ms:  # --benchmark-disable: pedantic made a single call that may not have been recorded
-        run()
-    times_ms = times_ms[-30:] if CUDA else times_ms
-    median_s = statistics.median(times_ms) / 1e3
+    """Benchmark `step` with the kernel harness; TFLOP/s etc. to benchmark.extra_info and attention.jsonl."""
+    median_s = measure(benchmark, step, rounds=30 if CUDA and not QUICK else (10 if CUDA else 3))
     tflops = _flops(b, h, seq, d, which) / median_s / 1e12
     info = {
         "op": "attention",
-        "device": torch.cuda.get_device_name() if CUDA else "cpu",
         "batch": b,
         "seq": seq,
         "heads": h,
@@ -147,12 +117,11 @@ def _time_and_record(
         "pass": which,
         "median_ms": median_s * 1e3,
         "tflops": tflops,
-        "timer": "cuda_event" if CUDA else "wall",
+        "timer": "cuda events, L2 flushed" if CUDA else "wall",
         **extra,
     }
-    benchmark.extra_info.update(info)
-    record("attention", **info)
-    assert math.isfinite(tflops) and tflops > 0
+    emit(benchmark, "attention", info)
+    assert math.isnan(tflops) or tflops > 0
 
 
 @pytest.mark.parametrize("which", PASSES)
@@ -160,6 +129,8 @@ def _time_and_record(
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("seq", SEQS)
 def test_attention(benchmark, seq, d, backend, which):
+    if QUICK:
+        pytest.skip("quick mode: model shapes only (test_attention_model_shapes)")
     if backend == "triton" and not (CUDA or interpreter_enabled()):
         pytest.skip("triton attention needs CUDA (the interpreter is only for tests)")
     if backend == "triton" and not CUDA and seq > 128:
@@ -171,7 +142,7 @@ def test_attention(benchmark, seq, d, backend, which):
         h, b = 1, 1  # the interpreter runs programs one by one in Python: keep the harness check quick
     try:
         step = _make_step(backend, which, b, seq, h, d)
-        step()  # compile / pick kernels outside the timing
+        step()  # compile / tune / pick kernels outside the timing
         _sync()
     except RuntimeError as e:  # an SDPA backend without a kernel for this device/shape
         pytest.skip(f"{backend} unavailable here: {str(e).splitlines()[0][:200]}")
@@ -181,25 +152,30 @@ def test_attention(benchmark, seq, d, backend, which):
 # The presets' training shapes (fastgrow/config.py, batch 8 x seq 2048): what the end-to-end runs see.
 # name: (heads, kv_heads, head_dim)
 MODEL_SHAPES = {"410M": (16, 16, 64), "1.1B": (32, 4, 64), "3B": (20, 20, 128), "7B": (32, 32, 128)}
+if QUICK:
+    MODEL_SHAPES.pop("7B")  # 3B has its head dim; the lease is short
+if not CUDA:  # harness check: one tiny GQA shape through the interpreter
+    MODEL_SHAPES = {"tiny": (2, 1, 32)}
 
 
-@pytest.mark.skipif(not CUDA, reason="model-shape benchmarks need a CUDA GPU")
 @pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("backend", ["triton", "sdpa", "flash_attn"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa"] if QUICK else ["triton", "sdpa", "flash_attn"])
 @pytest.mark.parametrize("model", list(MODEL_SHAPES))
 def test_attention_model_shapes(benchmark, model, backend, which):
     if backend == "flash_attn":
         pytest.importorskip("flash_attn")
+    if backend == "triton" and not (CUDA or interpreter_enabled()):
+        pytest.skip("triton attention needs CUDA (the interpreter is only for tests)")
     h, hk, d = MODEL_SHAPES[model]
-    b, seq = 8, 2048
+    b, seq = (8, 2048) if CUDA else (1, 64)
     step = _make_step(backend, which, b, seq, h, d, hk)
     step()
     _sync()
     _time_and_record(benchmark, step, b, h, seq, d, backend, which, hk, model=model)
 
 
-# Launch-config sweep for the Triton kernels (GPU only): times alternatives to the fixed table in
-# kernels/attention.py at seq 4096 so it can be re-chosen from measurements. (block_m, block_n, warps, stages)
+# Launch-config sweep for the Triton kernels (GPU only): times configs one by one at seq 4096, so the
+# candidate tables in kernels/attention.py can be re-chosen from measurements. (block_m, block_n, warps, stages)
 SWEEP = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
@@ -208,19 +184,24 @@ SWEEP = {
     ("dq", 64): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
     ("dq", 128): [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
 }
+# ... plus every candidate of the launchers' tuning tables.
+for (_kern, _d), _cfgs in SWEEP.items():
+    _cands = getattr(importlib.import_module("fastgrow.kernels.attention").GPU_CANDIDATES[(False, _d <= 64)], _kern)
+    _cfgs += [c for c in ((x.block_m, x.block_n, x.num_warps, x.num_stages) for x in _cands) if c not in _cfgs]
 SWEEP_CASES = [(kern, d, cfg) for (kern, d), cfgs in SWEEP.items() for cfg in cfgs]
 
 
-@pytest.mark.skipif(not CUDA, reason="config sweep needs a CUDA GPU")
+@pytest.mark.skipif(not CUDA or QUICK, reason="config sweep needs a CUDA GPU (and is not part of quick mode)")
 @pytest.mark.parametrize(
     "kern,d,cfg", SWEEP_CASES, ids=[f"{k}-d{d}-{'x'.join(map(str, c))}" for k, d, c in SWEEP_CASES]
 )
 def test_attention_config_sweep(benchmark, monkeypatch, kern, d, cfg):
     attn_mod = importlib.import_module("fastgrow.kernels.attention")
     key = (False, d <= 64)
-    table = dict(attn_mod._GPU_CFGS)
-    table[key] = dataclasses.replace(table[key], **{kern: attn_mod._Cfg(*cfg)})
-    monkeypatch.setattr(attn_mod, "_GPU_CFGS", table)
+    table = dict(attn_mod.GPU_CANDIDATES)
+    # One candidate: the launcher runs exactly this config (no tuning).
+    table[key] = dataclasses.replace(table[key], **{kern: (attn_mod._Cfg(*cfg),)})
+    monkeypatch.setattr(attn_mod, "GPU_CANDIDATES", table)
     seq = 4096
     h, b = HIDDEN // d, TOKENS // seq
     which = "fwd" if kern == "fwd" else "bwd"

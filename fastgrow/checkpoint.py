@@ -61,6 +61,9 @@ RESUME_MUTABLE = {
     "train.keep_ckpts",
     "train.max_bad_steps",
     "train.progress",
+    "train.tensorboard",
+    "train.wandb",
+    "train.wandb_project",
 }
 
 

@@ -1,4 +1,4 @@
-"""`fastgrow` command line: prepare | train | demo (and the growth / interchange commands).
+"""`fastgrow` command line: prepare | train | demo | generate | eval (and the growth / interchange commands).
 
 Configuration: `--preset NAME` and/or `--config FILE.toml`, then `--section.key=value` overrides, e.g.
 
@@ -6,29 +6,73 @@ Configuration: `--preset NAME` and/or `--config FILE.toml`, then `--section.key=
 
 Errors in user input print one line (`fastgrow: error: ...`) and exit with status 2; set
 FASTGROW_DEBUG=1 for the full traceback.
+
+Nothing at module level imports torch: each command imports what it needs when it runs, so
+`fastgrow --help` and `fastgrow plan` answer in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from fastgrow import __version__
-from fastgrow.config import RunConfig, apply_overrides, load_toml, parse_count, preset, preset_names
+from fastgrow.config import (
+    DataConfig,
+    GrowthConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    load_toml,
+    parse_count,
+    preset,
+    preset_names,
+)
+from fastgrow.errors import cli_message
+
+# The config sections and the dataclass that holds each one's keys (for `train --help`).
+CONFIG_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "growth": GrowthConfig}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help=f"start from a named preset: {', '.join(preset_names())}")
+    p.add_argument("--preset", help=f"start from a named preset: {', '.join(preset_names())} (default tiny)")
     p.add_argument("--config", help="TOML file (sections [model] [data] [train] [growth]; optional preset = ...)")
+
+
+def config_epilog() -> str:
+    """The `--help` text on settings: how overrides work, then every section's keys with their defaults."""
+    intro = (
+        "configuration:\n"
+        "  Settings start from --preset NAME (default tiny) or a --config FILE.toml (which may name its own\n"
+        "  preset = ...), then --section.key=value overrides apply on top, in order. Values are TOML scalars\n"
+        "  or plain text: --train.lr=1e-3 --train.compile=true --data.data_dir=data/mine, and counts take\n"
+        "  suffixes: --growth.at_tokens=100k. Growth stages: --growth.KEY=V sets the single stage (making one\n"
+        "  if there is none), --growth.N.KEY=V stage N (0-based; N = the number of stages adds one).\n"
+        "  --print-config prints the resolved settings as a TOML file that --config reads back.\n"
+        "  README.md (Configuration) explains the keys.\n\n"
+        "sections and keys (built-in defaults; presets change the model sizes, seq_len, batch_size and lr):"
+    )
+    lines = [intro]
+    for section, cls in CONFIG_SECTIONS.items():
+        items = " ".join(f"{f.name}={_show(f.default)}" for f in dataclasses.fields(cls))
+        lines.append(textwrap.fill(items, width=100, initial_indent=f"  [{section}] ", subsequent_indent=" " * 4))
+    return "\n".join(lines)
+
+
+def _show(v: object) -> str:
+    return json.dumps(v) if isinstance(v, (str, bool)) else str(v)
 
 
 def build_config(args: argparse.Namespace, overrides: Sequence[str], default_preset: str = "tiny") -> RunConfig:
     cfg = preset(args.preset or default_preset)
     if args.config:
-        cfg = load_toml(args.config, base=cfg if args.preset else None)
+        cfg = load_toml(args.config, base=cfg if args.preset else None, preset_name=args.preset)
     return apply_overrides(cfg, list(overrides))
 
 
@@ -64,12 +108,15 @@ def cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from fastgrow.train import train
-
     cfg = build_config(args, rest)
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        from fastgrow.config_toml import config_toml
+
+        header = "fastgrow train: the resolved config; run it with `fastgrow train --config THIS_FILE`"
+        print(config_toml(cfg, header), end="")
         return 0
+    from fastgrow.train import train
+
     result = train(cfg, resume=args.resume, until_step=args.steps)
     summary = result.summary()
     print(json.dumps(summary, indent=2))
@@ -89,6 +136,45 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
         grow=not args.no_growth,
         overrides=rest,
     )
+    return 0
+
+
+# --- generate / eval ------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from fastgrow.generate import generate_text
+
+    out = generate_text(
+        args.ckpt,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        stop_at_eos=not args.ignore_eos,
+    )
+    for i, text in enumerate(out.texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    new = sum(out.new_tokens)
+    print(
+        f"[generate] {out.checkpoint}: {out.prompt_tokens} prompt tokens, {new} new tokens in {out.seconds:.2f} s "
+        f"({new / out.seconds if out.seconds > 0 else float('nan'):,.1f} tokens/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from fastgrow.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.ckpt, data_dir=args.data, batches=args.batches, device=args.device)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -166,19 +252,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train (or --resume) a model; growth per the [growth] section")
+    p = sub.add_parser(
+        "train",
+        help="train (or --resume) a model; growth per the [growth] section",
+        description="Train (or --resume) a model; it grows per the [growth] section. Progress goes to stderr "
+        "(a bar on a terminal, else one line per log step), metrics to OUT_DIR/metrics.jsonl, and a JSON "
+        "summary to stdout at the end.",
+        epilog=config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--steps", type=int, help="stop after this many total steps (schedule still uses max_steps)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="prepare the stdlib corpus, train tiny, grow it, report throughput")
+    p = sub.add_parser(
+        "demo",
+        help="prepare the stdlib corpus, train tiny, grow it, report throughput",
+        epilog="--section.key=value overrides apply to the demo's run config (see `fastgrow train --help`).",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--data", default="data/demo-stdlib", help="token shards to use/create (default data/demo-stdlib)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: about two minutes on a CPU)")
     p.add_argument("--no-growth", action="store_true", help="train the target from scratch, no growth")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache, CPU or GPU)")
+    p.add_argument("ckpt", help="a checkpoint (step-N directory) or a run directory (its newest checkpoint)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument(
+        "--top-k", type=int, default=200, help="sample among the k most likely tokens; 0 = all (default 200)"
+    )
+    p.add_argument("--seed", type=int, help="random seed, for the same text again (default: a fresh draw)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples of the same prompt (default 1)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: the checkpoint's, else the run's data's)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint (one JSON object)")
+    p.add_argument("ckpt", help="a checkpoint (step-N directory) or a run directory (its newest checkpoint)")
+    p.add_argument("--data", help="a prepared data folder: evaluate its held-out split (default: the run's data)")
+    p.add_argument(
+        "--batches", type=int, help="batches of the run's batch_size x seq_len (default: train.eval_batches)"
+    )
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:N")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder")
     p.add_argument("ckpt", help="a checkpoint (step-N directory) or a run directory (its newest checkpoint)")
@@ -188,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="turn a local LlamaForCausalLM folder into a fastgrow checkpoint (step 0)")
+    p = sub.add_parser(
+        "import",
+        help="turn a local LlamaForCausalLM folder into a fastgrow checkpoint (step 0)",
+        epilog="--preset/--config/--section.key=value give the run config the imported model will train with "
+        "(see `fastgrow train --help`).",
+    )
     p.add_argument("hf_dir", help="Hugging Face model folder (config.json + safetensors or pytorch_model.bin)")
     p.add_argument("out_ckpt", help="run directory to create the checkpoint in (becomes train.out_dir)")
     _add_config_args(p)
@@ -206,11 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input or a failed run, reported as one line rather than a traceback."""
-    from fastgrow.checkpoint import CheckpointError
-    from fastgrow.train import TrainingAborted
+    """Exceptions that mean bad input or a failed run, reported as one line rather than a traceback.
 
-    return (ValueError, OSError, CheckpointError, TrainingAborted)
+    Only modules already imported are asked: an exception of a module that was never loaded cannot have
+    been raised, and importing it here would pull in torch for nothing."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    for module, name in (("fastgrow.checkpoint", "CheckpointError"), ("fastgrow.train", "TrainingAborted")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     rest = _split_overrides(rest, parser)
     if rest and args.command not in ("train", "demo", "import"):
-        parser.error(f"config overrides are only accepted by train and demo, got {' '.join(rest)}")
+        parser.error(
+            f"config overrides (--section.key=value) are only accepted by train, demo and import, got {' '.join(rest)}"
+        )
     try:
         return int(args.func(args, rest) or 0)
     except KeyboardInterrupt:
@@ -227,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one clear line for the user's mistakes; tracebacks for our bugs
         if os.environ.get("FASTGROW_DEBUG") or not isinstance(e, _user_errors()):
             raise
-        print(f"fastgrow: error: {e}", file=sys.stderr)
+        print(f"fastgrow: error: {cli_message(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, OSError)) else 1
 
 

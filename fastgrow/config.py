@@ -189,7 +189,12 @@ class TrainConfig:
     keep_ckpts: int = 2
     # Abort after this many non-finite steps in a row (each one is skipped without touching Adam).
     max_bad_steps: int = 5
+    # Console: a progress bar when stderr is a terminal, else (or when false) one line per log step.
     progress: bool = True
+    # Optional loggers beside metrics.jsonl (extras: pip install "fastgrow[tensorboard]" / "fastgrow[wandb]").
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "fastgrow"
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
@@ -504,11 +509,15 @@ def _override_stage(item: str, stages: list[dict[str, Any]], name: str) -> tuple
     return stages[0], name
 
 
-def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+def load_toml(path: str | Path, base: RunConfig | None = None, *, preset_name: str | None = None) -> RunConfig:
     """Read a TOML config. A top-level `preset = "name"` starts from that preset; sections override it.
 
     Growth: a `[growth]` table is one stage, an array of tables `[[growth]]` several (in increasing
     at_tokens order); either replaces the base's stages.
+
+    base: the config to start from when the file names no preset. preset_name: the preset the caller
+    chose elsewhere (the command line's --preset); a file that names a different one is an error rather
+    than one of them silently winning.
     """
     p = Path(path)
     if not p.is_file():
@@ -519,7 +528,13 @@ def load_toml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
     start = base or RunConfig()
     if "preset" in raw:
-        start = preset(str(raw.pop("preset")))
+        file_preset = str(raw.pop("preset"))
+        if preset_name is not None and file_preset.lower() != preset_name.lower():
+            raise ConfigError(
+                f"--preset {preset_name} conflicts with preset = {file_preset!r} in {p}; "
+                "drop one of them (a preset is a starting point, the file's sections then override it)"
+            )
+        start = preset(file_preset)
     d = start.to_dict()
     for section, values in raw.items():
         if section not in d:

@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from fastgrow.errors import option_error
 from fastgrow.fsutil import fsync_dir, fsync_file, sha256_file, write_json_durable
 
 FORMAT_NAME = "fastgrow-tokens"
@@ -500,8 +501,11 @@ def _existing_state(out_dir: Path) -> str:
 def _check_out_dir(out_dir: Path, overwrite: bool) -> str:
     state = _existing_state(out_dir)
     if state == "complete" and not overwrite:
-        raise FileExistsError(
-            f"output directory {out_dir} already holds prepared data; pass overwrite=True (--overwrite) to replace it"
+        raise option_error(
+            FileExistsError,
+            lambda o: f"output directory {out_dir} already holds prepared data; pass {o} to replace it",
+            "overwrite=True",
+            "--overwrite",
         )
     return state
 

@@ -8,7 +8,7 @@ the device they live on. Nothing calls `.item()`, `.cpu()` or `.tolist()`, nothi
 goes through disk. A new AdamW is built with `fastgrow.optim.build_optimizer`, so the new parameters
 land in the right weight-decay groups.
 
-Operators (Du et al. 2024, "Stacking Your Transformers"; DESIGN.md section 2):
+Operators (Du et al. 2024, "Stacking Your Transformers"; docs/architecture.md section 4):
 
 depth (see fastgrow.grow_depth for the spec notation)
     stack        G_stack: the whole model repeated g times (or up to target_layers: layer i <- i mod L)

@@ -5,6 +5,10 @@ fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32]
 fastgrow plan --preset 410M --tokens 100B --stages 2 [--grow depth|width|alternate]   # Staged Training
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
 fastgrow grow IN_CKPT OUT_RUN_DIR --op learn --factor 4 --data DIR [--learn-steps 100] [--learn-lr 1e-2]
+
+`--op` takes the names of the `growth.op` config key (`width`: width growth only; `none` is an alias),
+and `--factor` defaults to the paper's 4 for the operators that read it, as in a run's [growth]. Nothing
+here imports torch until a command runs (`fastgrow --help` and `fastgrow plan` stay fast).
 """
 
 from __future__ import annotations
@@ -13,11 +17,17 @@ import argparse
 import contextlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from fastgrow.config import DEFAULT_FACTOR, GROWTH_OPS, OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS
 
-from fastgrow.config import OPTIMIZER_POLICIES, SCHEDULE_POLICIES, WIDTH_OPS
-from fastgrow.grow import DEPTH_OPS, GrowPlan, grow
+if TYPE_CHECKING:
+    import torch
+
+    from fastgrow.grow import GrowPlan
+
+# The depth operators whose target depth comes from a factor (the rest: width only, or a spec).
+_FACTOR_OPS = ("stack", "interpolate", "zero", "random")
 
 
 def grow_checkpoint(
@@ -36,6 +46,7 @@ def grow_checkpoint(
     is left as it was. Returns the written step directory.
     """
     from fastgrow.checkpoint import load_checkpoint
+    from fastgrow.grow import grow
 
     src, out = checked_paths(in_path, out_path)
     with caller_rng_kept():
@@ -46,10 +57,29 @@ def grow_checkpoint(
         return save_grown(grown, src, out, keep)
 
 
+def checked_paths(in_path: str | Path, out_path: str | Path) -> tuple[Path, Path]:
+    """(the input checkpoint's step directory, the output run directory) of an offline growth, or
+    ValueError when the output is the input's run directory or already holds checkpoints."""
+    from fastgrow.checkpoint import latest_checkpoint, resolve_checkpoint
+
+    src = resolve_checkpoint(in_path)
+    out = Path(out_path)
+    if out.resolve() == src.parent.resolve():
+        # save_checkpoint would replace the source's own step-N directory.
+        raise ValueError(f"the grown checkpoint must go to another run directory than its input's ({src.parent})")
+    existing = latest_checkpoint(out)
+    if existing is not None:
+        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
+        raise ValueError(f"{out} already holds checkpoints ({existing.name}); grow into a new run directory")
+    return src, out
+
+
 @contextlib.contextmanager
 def caller_rng_kept():
     """Restore the caller's global CPU (and CUDA) RNG states on exit: an offline growth loads a
     checkpoint's RNG state into the process so that the grown checkpoint carries it."""
+    import torch
+
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
@@ -66,23 +96,6 @@ def save_grown(grown, src: Path, out: Path, keep: int) -> Path:
 
     tok = src / "tokenizer.json"
     return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
-
-
-def checked_paths(in_path: str | Path, out_path: str | Path) -> tuple[Path, Path]:
-    """(the input checkpoint's step directory, the output run directory) of an offline growth, or
-    ValueError when the output is the input's run directory or already holds checkpoints."""
-    from fastgrow.checkpoint import latest_checkpoint, resolve_checkpoint
-
-    src = resolve_checkpoint(in_path)
-    out = Path(out_path)
-    if out.resolve() == src.parent.resolve():
-        # save_checkpoint would replace the source's own step-N directory.
-        raise ValueError(f"grow_checkpoint: out_path must be another run directory than {src.parent}")
-    existing = latest_checkpoint(out)
-    if existing is not None:
-        # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
-        raise ValueError(f"grow_checkpoint: {out} already holds checkpoints ({existing.name}); use a new run directory")
-    return src, out
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
@@ -190,12 +203,21 @@ LEARN_KEYS = ("learn_steps", "learn_tokens", "val_loss_before", "val_loss_learn_
 
 
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
+    from fastgrow.grow import GrowPlan
+    from fastgrow.state import resolve_device
+
     learn = args.op == "learn"
     if not learn and (args.data is not None or args.learn_steps is not None or args.learn_lr is not None):
         raise ValueError("--data, --learn-steps and --learn-lr apply to --op learn only")
+    # G_learn's maps start from G_stack (fastgrow.grow_learn).
+    depth = "none" if args.op in ("width", "none") else ("stack" if learn else args.op)
+    factor = args.factor
+    if factor is None:  # as a run's [growth]: the paper's g unless the depth comes from elsewhere
+        factor = DEFAULT_FACTOR if depth in _FACTOR_OPS and not (args.target_layers or args.spec) else 0
+    device = resolve_device(args.device, what="--device")
     plan = GrowPlan(
-        depth="stack" if learn else args.op,  # G_learn's maps start from G_stack
-        factor=args.factor,
+        depth=depth,
+        factor=factor,
         target_layers=args.target_layers,
         spec=args.spec,
         noise=args.noise,
@@ -219,9 +241,9 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
 
         steps = DEFAULT_LEARN_STEPS if args.learn_steps is None else args.learn_steps
         lr = DEFAULT_LEARN_LR if args.learn_lr is None else args.learn_lr
-        out = learn_checkpoint(args.input, args.output, plan, args.data, steps=steps, lr=lr, device=args.device)
+        out = learn_checkpoint(args.input, args.output, plan, args.data, steps=steps, lr=lr, device=device)
     else:
-        out = grow_checkpoint(args.input, args.output, plan, device=args.device)
+        out = grow_checkpoint(args.input, args.output, plan, device=device)
     from fastgrow.checkpoint import read_meta
 
     rec = read_meta(out)["growth_history"][-1]
@@ -263,9 +285,19 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="checkpoint step directory, or a run directory (its newest checkpoint)")
     p.add_argument("output", help="run directory to write the grown step-N checkpoint into")
     p.add_argument(
-        "--op", default="stack", choices=(*DEPTH_OPS, "learn"), help="depth operator, or learn (G_learn; default stack)"
+        "--op",
+        default="stack",
+        choices=(*GROWTH_OPS, "none"),
+        help="growth operator, as growth.op: a depth operator, width (width only) or learn (G_learn; needs "
+        "--data) (default stack)",
     )
-    p.add_argument("--factor", type=int, default=0, help="depth growth factor g")
+    p.add_argument(
+        "--factor",
+        type=int,
+        default=None,
+        help=f"depth growth factor g (default {DEFAULT_FACTOR}, the paper's, for stack/interpolate/zero/random "
+        "without --target-layers or --spec)",
+    )
     p.add_argument("--target-layers", type=int, default=0, help="target depth (instead of --factor)")
     p.add_argument("--spec", default="", help="stacking spec, e.g. 1-234*7-56 or 1,2,3,1,2,3")
     p.add_argument("--noise", type=float, default=0.0, help="W <- (1-a) W + a eps on copied blocks")
@@ -285,5 +317,5 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="op learn: the run's prepared data directory to learn on")
     p.add_argument("--learn-steps", type=int, default=None, help="op learn: the operator's training steps (100)")
     p.add_argument("--learn-lr", type=float, default=None, help="op learn: the operator's Adam LR (1e-2)")
-    p.add_argument("--device", default="cpu", help="device to grow on (default cpu)")
+    p.add_argument("--device", default="cpu", help="device to grow on: cpu, cuda, cuda:N (default cpu)")
     p.set_defaults(func=cmd_grow)

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from fastgrow.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from fastgrow.errors import option_error
 from fastgrow.fsutil import fsync_dir, fsync_file
 
 HF_ARCHITECTURE = "LlamaForCausalLM"
@@ -438,6 +439,12 @@ def _write_json(path: Path, obj: Any) -> None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _exists(out: Path) -> FileExistsError:
+    return option_error(
+        FileExistsError, lambda o: f"{out} already exists; pass {o} to replace it", "overwrite=True", "--overwrite"
+    )
+
+
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """fsync the finished temp dir and rename it to `out`; an existing `out` is replaced only with
     overwrite (moved aside first, removed after the rename, so `out` is always whole)."""
@@ -447,7 +454,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     os.chmod(tmp, 0o755)
     if out.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} already exists (overwrite=True, or --overwrite, replaces it)")
+            raise _exists(out)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -479,7 +486,7 @@ def export_model(
         raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)} or None, got {torch_dtype!r}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (overwrite=True, or --overwrite, replaces it)")
+        raise _exists(out)
     hf_sd = to_hf_state_dict(state_dict, cfg)
     if torch_dtype is not None:
         hf_sd = {k: v.to(_DTYPES[torch_dtype]) for k, v in hf_sd.items()}

@@ -16,7 +16,13 @@ Q/K/V and gate/up are packed so each is one matmul; the q/k/v views and the pack
 strided slices of that output, passed to the kernels without a copy. RoPE uses the rotate-half
 convention (the one Hugging Face's Llama uses), so weights export without permutation.
 
-All normalisation, attention and SwiGLU go through `fastgrow.kernels`.
+All normalisation, attention, SwiGLU and the loss go through `fastgrow.kernels`. Two fusions shape the
+forward: each block's last residual add (stream + MLP output) is done by the next block's first
+`add_rms_norm` (or the final norm's), which reads both once and writes the sum and its norm, instead of
+a separate add pass followed by a norm that re-reads the sum; and the loss is a chunked linear
+cross-entropy, so the [tokens, vocab] logits never exist whole during training. Under autocast the
+norms and SwiGLU emit the autocast dtype directly, so no cast kernel sits between them and the matmuls,
+while the residual stream stays in the parameters' dtype (fp32).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastgrow import kernels
@@ -59,9 +64,16 @@ def _kernel_impl(cfg: ModelConfig, x: torch.Tensor) -> str:
 
 
 def _attn_backend(cfg: ModelConfig, x: torch.Tensor) -> str:
+    # auto on CUDA: the kernel library's own choice (Triton for fp16/bf16 inside its envelope, SDPA for
+    # fp32, whose exact-fp32 Triton tiles spill registers); SDPA on CPU, as for the norms above.
     if cfg.attn_backend == "auto":
-        return "triton" if x.is_cuda else "sdpa"
+        return "auto" if x.is_cuda else "sdpa"
     return cfg.attn_backend
+
+
+def _loss_impl(cfg: ModelConfig, x: torch.Tensor) -> str:
+    # The chunked cross-entropy always chunks; only its per-row math is Triton or torch.
+    return "triton" if _kernel_impl(cfg, x) == "triton" else "torch"
 
 
 class Attention(nn.Module):
@@ -104,13 +116,22 @@ class Block(nn.Module):
         self.mlp_norm = kernels.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream; pending: the previous block's MLP output, not yet added to x (None for
+        the first block). Returns (h, m) with the block's output stream = h + m, left unsummed so the next
+        block's first norm (or the final norm) fuses that add."""
         impl = _kernel_impl(self.cfg, x)
         eps = self.cfg.norm_eps
-        a = self.attn(kernels.rms_norm(x, self.attn_norm.weight, eps, impl=impl), cos, sin)
+        if pending is None:
+            y = kernels.rms_norm(x, self.attn_norm.weight, eps, impl=impl)
+        else:
+            x, y = kernels.add_rms_norm(pending, x, self.attn_norm.weight, eps, impl=impl)
+        a = self.attn(y, cos, sin)
         # h = x + a and its norm in one pass (the fused residual kernel reads h once).
         h, y = kernels.add_rms_norm(a, x, self.mlp_norm.weight, eps, impl=impl)
-        return h + self.mlp(y)
+        return h, self.mlp(y)
 
 
 class Transformer(nn.Module):
@@ -158,13 +179,18 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {s} exceeds model.max_seq_len {self.cfg.max_seq_len}")
         x = self.tok_embeddings(tokens)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        pending = None
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        x = kernels.rms_norm(x, self.norm.weight, self.cfg.norm_eps, impl=_kernel_impl(self.cfg, x))
-        logits = self.output(x)
+            x, pending = layer(x, cos, sin, pending)
+        impl, eps = _kernel_impl(self.cfg, x), self.cfg.norm_eps
+        if pending is None:  # no layers
+            x = kernels.rms_norm(x, self.norm.weight, eps, impl=impl)
+        else:
+            _, x = kernels.add_rms_norm(pending, x, self.norm.weight, eps, impl=impl)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            return self.output(x)
+        # Mean cross-entropy of output(x) against targets (ignore_index -100), without whole logits.
+        return kernels.linear_cross_entropy(x, self.output.weight, targets, impl=_loss_impl(self.cfg, x))
 
     def num_params(self, include_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -37,12 +37,21 @@ class TrainState:
         return next(self.model.parameters()).device
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """ "auto" (CUDA when there is a GPU, else the CPU) or a torch device name that this machine has.
+
+    what: how the caller's user named the setting, for the error message (a config key or a CLI flag)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available on this machine")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{what} {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {name!r}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

@@ -22,11 +22,13 @@ import torch
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastgrow.config import ConfigError, RunConfig
+from fastgrow.errors import option_error
 from fastgrow.grow_event import GrowthContext, GrowthPaused, flops_so_far, run_growth_event
 from fastgrow.loader import BatchLoader, TokenData
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
 from fastgrow.model import flops_per_token
 from fastgrow.optim import set_lr
+from fastgrow.report import Reporter, check_reporting
 from fastgrow.stages import check_stages
 from fastgrow.state import TrainState, build_state, resolve_device
 
@@ -107,12 +109,22 @@ def prepare_state(cfg: RunConfig, resume: bool, device: torch.device) -> TrainSt
     ckpt = latest_checkpoint(out)
     if resume:
         if ckpt is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {out}")
+            raise option_error(
+                FileNotFoundError,
+                lambda o: f"{o}: no complete checkpoint in {out} to resume from",
+                "resume=True",
+                "--resume",
+            )
         return load_checkpoint(ckpt, device, config=cfg)
     if ckpt is not None:
-        raise ConfigError(
-            f"{out} already holds checkpoints (newest {ckpt.name}); pass --resume to continue that run "
-            f"or choose another --train.out_dir"
+        raise option_error(
+            ConfigError,
+            lambda o: (
+                f"{out} already holds checkpoints (newest {ckpt.name}); pass {o} to continue that run or "
+                "choose another train.out_dir"
+            ),
+            "resume=True",
+            "--resume",
         )
     return build_state(cfg, device)
 
@@ -143,6 +155,7 @@ def train(
     until_step: stop (with a checkpoint) once this many steps are done, before train.max_steps; the
     schedule still follows max_steps, so a later `resume=True` call continues the same trajectory.
     """
+    check_reporting(cfg)  # a missing tensorboard/wandb package fails now, not after the model is built
     dev = resolve_device(cfg.train.device) if device is None else torch.device(device)
     data = TokenData.open(cfg.data.data_dir)
     if data.vocab_size > cfg.model.vocab_size:
@@ -260,7 +273,7 @@ class _Runner:
         window_start = time.perf_counter()
         paused = 0.0  # seconds of eval/checkpointing inside the current window, kept out of tokens/s
         last_norm = torch.zeros((), device=self.device)
-        pbar = self._progress_bar()
+        self.report = Reporter(self.cfg, self.out_dir, initial_step=self.state.step, console=self.echo)
         try:
             with _SigtermFlag() as sigterm:
                 self.sigterm = sigterm
@@ -269,7 +282,7 @@ class _Runner:
                     if due is not None:
                         try:
                             while due is not None:  # stages whose token counts fall within one step
-                                self._grow(log, due, pbar)
+                                self._grow(log, due)
                                 due = _due_stage(self.state, self.growth_at)
                         except GrowthPaused:  # stopped inside G_learn's training: checkpointed below
                             consec_bad.fill_(float(self.state.bad_steps))
@@ -287,15 +300,14 @@ class _Runner:
                     last_norm = gnorm
                     window_steps += 1
                     window_tokens += self.tokens_per_step
-                    if pbar is not None:
-                        pbar.update(1)
+                    self.report.step()
                     if self.state.step % tcfg.log_every == 0 or self.state.step == self.stop:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         elapsed = time.perf_counter() - window_start - paused
                         rec = self._train_record(window_loss, window_bad, window_steps, window_tokens, elapsed)
                         rec["grad_norm"] = float(last_norm)
-                        self._emit(log, rec, pbar)
+                        self._emit(log, rec)
                         n_bad_run = int(max_run.item())
                         self.state.bad_steps = int(consec_bad.item())
                         max_run = consec_bad.clone()
@@ -315,7 +327,7 @@ class _Runner:
                         )
                     t_pause = time.perf_counter()
                     if tcfg.eval_every and self.state.step % tcfg.eval_every == 0:
-                        self._eval(log, pbar)
+                        self._eval(log)
                     if tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0:
                         last_ckpt = self._save(consec_bad)
                     paused += time.perf_counter() - t_pause
@@ -330,32 +342,17 @@ class _Runner:
                     and not interrupted
                     and (not tcfg.eval_every or self.state.step % tcfg.eval_every)
                 ):
-                    self._eval(log, pbar)
+                    self._eval(log)
                 if last_ckpt is None or last_ckpt.name != _ckpt_name(self.state.step):
                     last_ckpt = self._save(consec_bad)
         finally:
-            if pbar is not None:
-                pbar.close()
+            self.report.close()
             log.close()
         if interrupted and self.echo:
             print(f"SIGTERM: saved {last_ckpt}; resume with --resume", file=sys.stderr)
         return TrainResult(state=self.state, records=self.records, checkpoint=last_ckpt, interrupted=interrupted)
 
     # --- pieces -----------------------------------------------------------------------------------------
-    def _progress_bar(self):
-        if not (self.cfg.train.progress and self.echo):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.cfg.train.max_steps,
-            initial=self.state.step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-
     def _train_record(self, window_loss, window_bad, steps, tokens, elapsed) -> dict[str, Any]:
         state = self.state
         n_bad = int(window_bad.item())
@@ -380,18 +377,12 @@ class _Runner:
         """Training FLOPs spent so far, counting each phase (before/after growth) at its own size."""
         return flops_so_far(self.state.growth_history, self.state.tokens, self.flops_tok)
 
-    def _emit(self, log: MetricsLog, rec: dict[str, Any], pbar) -> None:
+    def _emit(self, log: MetricsLog, rec: dict[str, Any]) -> None:
         self.records.append(rec)
         log.write(rec)
-        if pbar is not None and rec["kind"] == "train":
-            post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
-            post["mfu"] = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
-            pbar.set_postfix(post, refresh=False)
-        elif pbar is not None and rec["kind"] in ("val", "growth"):
-            msg = f"step {rec['step']}: val_loss {rec['val_loss']:.4f}" if rec["kind"] == "val" else _growth_line(rec)
-            pbar.write(msg, file=sys.stderr)
+        self.report.record(rec)
 
-    def _eval(self, log: MetricsLog, pbar) -> None:
+    def _eval(self, log: MetricsLog) -> None:
         val = evaluate(self.state, self.val_batches, self.cfg)
         self._emit(
             log,
@@ -402,7 +393,6 @@ class _Runner:
                 "flops": self._flops_so_far(),
                 "val_loss": val,
             },
-            pbar,
         )
 
     def _save(self, consec_bad: torch.Tensor) -> Path:
@@ -410,7 +400,7 @@ class _Runner:
         self.state.bad_steps = int(consec_bad.item())  # a checkpoint is a sync point anyway
         return save_checkpoint(self.state, self.out_dir, keep=self.cfg.train.keep_ckpts, tokenizer=self.tokenizer)
 
-    def _grow(self, log: MetricsLog, stage: int, pbar) -> None:
+    def _grow(self, log: MetricsLog, stage: int) -> None:
         before = self.state
         # Throughput before growth: the last few logged windows (the very first one includes warm-up).
         recent = [r["tokens_per_s"] for r in self.records if r["kind"] == "train"][1:][-5:]
@@ -427,8 +417,8 @@ class _Runner:
             autocast=lambda: _autocast(self.cfg, self.device),
             save=lambda: self._save(torch.full((), float(self.state.bad_steps))),
             should_stop=lambda step: step >= self.stop or self.sigterm.hit,
-            emit=lambda r: self._emit(log, r, pbar),
-            progress=pbar.update if pbar is not None else None,
+            emit=lambda r: self._emit(log, r),
+            progress=self.report.step,
         )
         self.state, event = run_growth_event(before, ctx)
         self._setup_model()
@@ -450,14 +440,4 @@ class _Runner:
             "mfu_before": mfu(flops_tok_before, tps_before, self.peak) if tps_before else None,
         }
         rec.update({k: v for k, v in event.items() if k not in rec})  # an operator's own keys (G_learn's)
-        self._emit(log, rec, pbar)
-        if self.echo and pbar is None:
-            print(f"[growth] {_growth_line(rec)}", file=sys.stderr)
-
-
-def _growth_line(rec: dict[str, Any]) -> str:
-    return (
-        f"step {rec['step']}: growth[{rec['stage']}] {rec['op']} {rec['layers_before']}→{rec['layers_after']} "
-        f"layers, {rec['params_before']:,}→{rec['params_after']:,} params in {rec['grow_seconds'] * 1e3:.1f} ms; "
-        f"val_loss {rec['val_loss_before']:.4f} → {rec['val_loss_after']:.4f}"
-    )
+        self._emit(log, rec)

@@ -52,6 +52,16 @@ def check_weight_dtype(name: str, weight: torch.Tensor, x_dtype: torch.dtype) ->
         raise ValueError(f"{name} must be {x_dtype} (like the input) or float32, got {weight.dtype}")
 
 
+def autocast_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The output dtype an op should produce: `out_dtype` if given, else the autocast dtype when autocast is
+    on for x's device (the next op is a matmul that would cast to it anyway), else None (the input's)."""
+    if out_dtype is not None:
+        return out_dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceil division on Python ints (triton.cdiv goes through Triton's JIT-function call path, ~5 us)."""
     return -(-a // b)

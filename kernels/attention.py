@@ -17,7 +17,8 @@ Backends: "triton" (the fused kernels of attention_fwd.py / attention_bwd.py, Fl
 deterministic backward without atomics), "sdpa" (torch scaled_dot_product_attention), "flash_attn"
 (flash_attn_func, imported lazily), "ref" (`attention_ref`, fp32 torch, materialises S x S), "auto"
 (triton where `use_triton(q)`, i.e. CUDA or CPU under TRITON_INTERPRET=1, and the input is inside the
-Triton envelope below; otherwise sdpa, e.g. bfloat16 on CPU, which the interpreter cannot do).
+Triton envelope below; otherwise sdpa, e.g. bfloat16 on CPU, which the interpreter cannot do, and fp32 on
+CUDA, whose exact-fp32 Triton tiles spill registers).
 
 Triton envelope: head_dim 16, 32, 64, 96, 128 (96 runs in a 128-wide tile masked on d); fp16 and bf16 on GPU,
 fp32 everywhere (GPU dots in exact fp32, "ieee", since fp32 is the accuracy path); any sequence length >= 1.
@@ -33,7 +34,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import cdiv, check_float, check_same_device, interpreter_enabled, next_pow2, use_triton
+from ._common import (
+    cdiv,
+    check_float,
+    check_same_device,
+    interpreter_enabled,
+    next_pow2,
+    persistent_programs,
+    use_triton,
+)
+from ._tune import length_bucket, pick
 from .attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from .attention_fwd import attn_fwd_kernel
 
@@ -43,27 +53,29 @@ _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch configurations: a fixed table (no autotune, so runs are reproducible and the first step is not
-# spent tuning). Keyed by (fp32?, head_dim <= 64?). NOT YET TIMED ON A GPU: the starting points are the
-# tiles FlashAttention-2 and Triton's fused-attention tutorial use on A100/H100, then the warp counts were
-# chosen from an offline sm_90a compile (no GPU: triton.compile with the JIT's stride specialisations,
-# then ptxas -v) to avoid register spills. bf16, triton 3.6 (the GPU machine's version), per thread:
-#   fwd  hd64  128x64 w4 s3: 231 regs, 0 spill     fwd  hd128 128x64 w8 s3: 174 regs, 0 (w4: 264 B)
-#   dKdV hd64  32x128 w8 s3: 255 regs, 0 (w4: 424)  dKdV hd128 32x128 w8 s3: 124 B spill (s2: 40 B;
-#                                                    16x128: 0, but 16-wide wgmma tiles are inefficient)
-#   dQ   hd64  128x32 w8 s3: 114 regs, 0            dQ   hd128 128x32 w8 s3: 140 regs, 0 (w4: 192 B)
-# All main loops are software-pipelined (cp.async) and use Hopper wgmma in that compile.
-# Reproduce with tools/attention_sm90_report.py (works without a GPU).
+# Launch configurations: per (fp32?, head_dim <= 64?) and kernel, a short list of candidates; on CUDA the
+# fastest is chosen by timing on first use per (kernel, head_dim, dtype, causal, length bucket), see
+# _tune.py (FASTGROW_TUNE=0: always the first, the fallback). NOT YET TIMED ON A GPU. The candidates are
+# the tiles FlashAttention-2 and Triton's fused-attention tutorial use on A100/H100 and neighbours of
+# them, kept only where an offline sm_90a compile (triton 3.6, the GPU machine's version; no GPU needed:
+# tools/attention_sm90_report.py, its table in bench/results/attention-sm90-report.md) shows no register
+# spills for bf16. Per thread, causal:
+#   fwd  hd64  128x64 w4 s3: 231 regs, 64 KB smem   fwd  hd128 128x64 w8 s3: 174 regs, 128 KB smem
+#   dKdV hd64  32x128 w8 s3: 255 regs, 56 KB        dKdV hd128 16x128 w8 s3: 245 regs, 88 KB (the former
+#                                                    32x128 spilled 124 B: no 32-row tile fits without spills)
+#   dQ   hd64  128x32 w8 s3: 114 regs, 56 KB        dQ   hd128 128x16 w8 s3: 120 regs, 88 KB (2 CTAs/SM;
+#                                                    128x32 needs 140 registers: 1 CTA/SM)
+# All main loops are software-pipelined (cp.async) and on Hopper wgmma in that compile.
 # - forward: 128 query rows per program keep the tensor cores fed and halve K/V re-reads vs 64;
 #   BLOCK_N 64 bounds the fp32 score tile (128x64) in registers; 3 stages multi-buffer K/V in shared
-#   memory (hd 128: 64 KB of 228 KB).
-# - dK/dV: 128 keys per program (dK, dV accumulators live across the whole query loop) and 32 query
+#   memory (hd 128: 128 KB of the 227 KB an sm_90 block may use).
+# - dK/dV: 128 keys per program (dK, dV accumulators live across the whole query loop) and 16-32 query
 #   rows per step, computed transposed (K Q^T) so every dot has 128 rows; dQ mirrors it (128 query rows,
-#   32 keys per step). 8 warps so the two fp32 accumulators (dK, dV or dQ) fit in registers.
-# - fp32 tiles are twice as big in shared memory: halve the blocks (fp32 is the accuracy path).
+#   16-32 keys per step). 8 warps so the two fp32 accumulators (dK, dV or dQ) fit in registers.
+# - fp32 (the exact accuracy path, only with backend="triton"; auto sends fp32 CUDA inputs to SDPA):
+#   half the blocks, one config, not tuned; it spills, which is why auto avoids it.
 # - interpreter: small asymmetric tiles (BLOCK_M != BLOCK_N) so tiny CPU test shapes still cross several
-#   blocks and exercise every masking path, while staying fast.
-# bench/test_bench_attention.py::test_attention_config_sweep times alternatives on a GPU.
+#   blocks and exercise every masking path, while staying fast. Never tuned.
 # ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Cfg:
@@ -72,29 +84,51 @@ class _Cfg:
     num_warps: int
     num_stages: int
 
+    def __repr__(self) -> str:
+        return f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
+
 
 @dataclass(frozen=True)
-class _Cfgs:
-    fwd: _Cfg
-    dkdv: _Cfg  # block_m: query rows per step, block_n: keys per program
-    dq: _Cfg  # block_m: query rows per program, block_n: keys per step
+class _Cands:
+    fwd: tuple[_Cfg, ...]
+    dkdv: tuple[_Cfg, ...]  # block_m: query rows per step, block_n: keys per program
+    dq: tuple[_Cfg, ...]  # block_m: query rows per program, block_n: keys per step
     pre_block_m: int  # delta preprocess rows per program
 
 
-_INTERPRET_CFGS = _Cfgs(_Cfg(32, 16, 4, 1), _Cfg(16, 32, 4, 1), _Cfg(32, 16, 4, 1), 32)
-_GPU_CFGS = {
-    # (fp32, small head dim)
-    (False, True): _Cfgs(_Cfg(128, 64, 4, 3), _Cfg(32, 128, 8, 3), _Cfg(128, 32, 8, 3), 128),
-    (False, False): _Cfgs(_Cfg(128, 64, 8, 3), _Cfg(32, 128, 8, 3), _Cfg(128, 32, 8, 3), 128),
-    (True, True): _Cfgs(_Cfg(64, 32, 4, 2), _Cfg(32, 64, 4, 2), _Cfg(64, 32, 4, 2), 64),
-    (True, False): _Cfgs(_Cfg(64, 32, 8, 2), _Cfg(32, 64, 8, 2), _Cfg(64, 32, 8, 2), 64),
+def _c(*cfgs: tuple[int, int, int, int]) -> tuple[_Cfg, ...]:
+    return tuple(_Cfg(*c) for c in cfgs)
+
+
+KERNELS = ("fwd", "dkdv", "dq")
+_INTERPRET_CANDS = _Cands(_c((32, 16, 4, 1)), _c((16, 32, 4, 1)), _c((32, 16, 4, 1)), 32)
+GPU_CANDIDATES = {
+    # (fp32, head_dim <= 64): first of each tuple = fallback
+    (False, True): _Cands(
+        fwd=_c((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)),
+        dkdv=_c((32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3)),
+        dq=_c((128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)),
+        pre_block_m=128,
+    ),
+    (False, False): _Cands(
+        fwd=_c((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)),
+        dkdv=_c((16, 128, 8, 3), (16, 128, 8, 2)),
+        dq=_c((128, 16, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3)),
+        pre_block_m=128,
+    ),
+    (True, True): _Cands(_c((64, 32, 4, 2)), _c((32, 64, 4, 2)), _c((64, 32, 4, 2)), 64),
+    (True, False): _Cands(_c((64, 32, 8, 2)), _c((32, 64, 8, 2)), _c((64, 32, 8, 2)), 64),
 }
 
 
-def _configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> _Cfgs:
+def _candidates(head_dim: int, dtype: torch.dtype, device: torch.device) -> _Cands:
     if device.type != "cuda":
-        return _INTERPRET_CFGS
-    return _GPU_CFGS[(dtype == torch.float32, head_dim <= 64)]
+        return _INTERPRET_CANDS
+    return GPU_CANDIDATES[(dtype == torch.float32, head_dim <= 64)]
+
+
+def _tune_key(kernel: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple:
+    return ("attention", kernel, q.shape[3], q.dtype, causal, length_bucket(max(q.shape[1], k.shape[1])))
 
 
 def _block_d(head_dim: int) -> int:
@@ -110,24 +144,32 @@ def _dot_precision(dtype: torch.dtype) -> str:
 _MAX_GRID_Y = 65535
 
 
-def _check_offsets(*ts: torch.Tensor) -> None:
-    for t in ts:
+def _offset_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why int32 offsets inside one (batch, head) slice would overflow, or None if they do not.
+
+    Inputs are read with their own strides; the output and dQ are written (b, sq, h, d)-contiguous and
+    dK/dV (b, sk, hk, d)-contiguous (or as fp32 partials of that layout)."""
+    for t in (q, k, v):
         if t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) + t.shape[3] * abs(t.stride(3)) >= 2**31:
-            raise ValueError(
+            return (
                 f"one (batch, head) slice spans >= 2**31 elements (seq {t.shape[1]}, seq stride "
                 f"{t.stride(1)}): outside the Triton attention envelope"
             )
+    _, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    if sq > 0 and (sq - 1) * h * d + d >= 2**31:
+        return f"seq {sq} x heads {h} x head_dim {d} spans >= 2**31 elements per batch"
+    if sk > 0 and (sk - 1) * hk * d + d >= 2**31:
+        return f"kv seq {sk} x kv heads {hk} x head_dim {d} spans >= 2**31 elements per batch (dK/dV)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def _fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_fwd(cfg: _Cfg, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    cfg = _configs(d, q.dtype, q.device).fwd
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
     grid = (cdiv(sq, cfg.block_m), b * h)
@@ -142,6 +184,68 @@ def _fwd(
     return out, lse
 
 
+def _fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cands = _candidates(q.shape[3], q.dtype, q.device).fwd
+    cfg = pick(_tune_key("fwd", q, k, causal), cands, lambda c: _launch_fwd(c, q, k, v, causal, scale), q.device)
+    return _launch_fwd(cfg, q, k, v, causal, scale)
+
+
+def gqa_split(batch: int, kv_heads: int, group: int, kv_blocks: int, device: torch.device) -> int:
+    """Programs per (KV block, batch, KV head) in the dK/dV pass: 1 when batch x KV heads x KV blocks
+    already fills the SMs; else the smallest divisor of the GQA group that does (or the whole group),
+    each program then summing group / split query heads into an fp32 partial."""
+    programs, sms = kv_blocks * batch * kv_heads, persistent_programs(device)
+    if group == 1 or programs >= sms:
+        return 1
+    for split in range(2, group + 1):
+        if group % split == 0 and programs * split >= sms:
+            return split
+    return group
+
+
+def _launch_dkdv(cfg: _Cfg, q, k, v, do, lse, delta, causal: bool, scale: float):
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    block_d = _block_d(d)
+    split = gqa_split(b, hk, h // hk, cdiv(sk, cfg.block_n), q.device)
+    if split == 1:
+        dk = torch.empty((b, sk, hk, d), dtype=k.dtype, device=k.device)
+        dv = torch.empty((b, sk, hk, d), dtype=v.dtype, device=v.device)
+        dk_out, dv_out, stride_split = dk, dv, 0
+    else:  # fp32 partials, one per group part, summed below in a fixed order
+        dk_out = torch.empty((split, b, sk, hk, d), dtype=torch.float32, device=k.device)
+        dv_out = torch.empty_like(dk_out)
+        stride_split = dk_out.stride(0)
+    dk_s, dv_s = (dk_out, dv_out) if split == 1 else (dk_out[0], dv_out[0])
+    attn_bwd_dkdv_kernel[(cdiv(sk, cfg.block_n), b * hk * split)](
+        q, k, v, do, lse, delta, dk_out, dv_out,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_s.stride(), *dv_s.stride(), stride_split,
+        h, hk, sq, sk, h // hk, split, scale, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split == 1:
+        return dk_out, dv_out
+    return dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)
+
+
+def _launch_dq(cfg: _Cfg, q, k, v, do, lse, delta, causal: bool, scale: float) -> torch.Tensor:
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    block_d = _block_d(d)
+    dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    attn_bwd_dq_kernel[(cdiv(sq, cfg.block_m), b * h)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        h, sq, sk, h // hk, scale, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dq
+
+
 def _bwd(
     do: torch.Tensor,
     dlse: torch.Tensor | None,
@@ -154,38 +258,20 @@ def _bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    cfgs = _configs(d, q.dtype, q.device)
-    block_d = _block_d(d)
-    prec = _dot_precision(q.dtype)
+    cands = _candidates(d, q.dtype, q.device)
 
     delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
-    attn_bwd_preprocess_kernel[(cdiv(sq, cfgs.pre_block_m), b * h)](
+    attn_bwd_preprocess_kernel[(cdiv(sq, cands.pre_block_m), b * h)](
         out, do, dlse if dlse is not None else delta, delta,
         *out.stride(), *do.stride(), h, sq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=cfgs.pre_block_m, HAS_DLSE=dlse is not None,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cands.pre_block_m, HAS_DLSE=dlse is not None,
     )  # fmt: skip
 
-    dq = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((b, sk, hk, d), dtype=k.dtype, device=k.device)
-    dv = torch.empty((b, sk, hk, d), dtype=v.dtype, device=v.device)
-    c = cfgs.dkdv
-    attn_bwd_dkdv_kernel[(cdiv(sk, c.block_n), b * hk)](
-        q, k, v, do, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        h, hk, sq, sk, h // hk, scale, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, DOT_PREC=prec,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )  # fmt: skip
-    c = cfgs.dq
-    attn_bwd_dq_kernel[(cdiv(sq, c.block_m), b * h)](
-        q, k, v, do, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        h, sq, sk, h // hk, scale, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=block_d, PAD_D=block_d != d, BLOCK_M=c.block_m, BLOCK_N=c.block_n, CAUSAL=causal, DOT_PREC=prec,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )  # fmt: skip
-    return dq, dk, dv
+    args = (q, k, v, do, lse, delta, causal, scale)
+    c = pick(_tune_key("dkdv", q, k, causal), cands.dkdv, lambda c: _launch_dkdv(c, *args), q.device)
+    dk, dv = _launch_dkdv(c, *args)
+    c = pick(_tune_key("dq", q, k, causal), cands.dq, lambda c: _launch_dq(c, *args), q.device)
+    return _launch_dq(c, *args), dk, dv
 
 
 def _on_device(t: torch.Tensor):
@@ -363,6 +449,21 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale) 
         raise ValueError(f"softmax_scale must be a finite float or None, got {softmax_scale!r}")
 
 
+def auto_backend(device_type: str, dtype: torch.dtype, head_dim: int, batch_heads: int, triton_ok: bool) -> str:
+    """What backend="auto" runs: "triton" inside the Triton envelope where Triton runs (`triton_ok`:
+    CUDA, or CPU under the interpreter), else "sdpa".
+
+    Outside the envelope: other head dims, bf16 in the interpreter (its bf16 tl.dot is wrong), more
+    (batch, head) pairs than grid axis 1 takes, and fp32 on CUDA: the exact-fp32 ("ieee") tiles spill
+    registers on sm_90 (~30 KB of spill stores in the hd64 causal dK/dV pass), while SDPA runs fp32 on
+    its own kernels (TF32 where the user enabled it). backend="triton" still runs fp32, as the accuracy path.
+    """
+    cpu_bf16 = device_type == "cpu" and dtype == torch.bfloat16
+    cuda_fp32 = device_type == "cuda" and dtype == torch.float32
+    fits = head_dim in TRITON_HEAD_DIMS and not (cpu_bf16 or cuda_fp32) and batch_heads <= _MAX_GRID_Y
+    return "triton" if triton_ok and fits else "sdpa"
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -380,10 +481,9 @@ def attention(
     b, sq, h, d = q.shape
     sk = k.shape[1]
     if backend == "auto":
-        # Outside the Triton envelope (other head dims; bf16 in the interpreter) auto means SDPA.
-        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        fits = d in TRITON_HEAD_DIMS and not cpu_bf16 and b * h <= _MAX_GRID_Y
-        backend = "triton" if use_triton(q) and fits else "sdpa"
+        backend = auto_backend(q.device.type, q.dtype, d, b * h, use_triton(q))
+        if backend == "triton" and _offset_problem(q, k, v):
+            backend = "sdpa"
 
     if b == 0 or sq == 0 or h == 0 or d == 0:
         out = q.clone()  # empty, but still part of the autograd graph
@@ -415,10 +515,9 @@ def attention(
             f"batch * heads = {b * h} exceeds {_MAX_GRID_Y}, the CUDA grid-y limit the Triton attention launches "
             "with: use backend='sdpa' (what backend='auto' does) or split the batch"
         )
-    _check_offsets(q, k, v)
-    # The output and dQ are written (b, s, h, d)-contiguous with int32 offsets inside a (batch, head) slice.
-    if sq > 0 and (sq - 1) * h * d + d >= 2**31:
-        raise ValueError(f"seq {sq} x heads {h} x head_dim {d} spans >= 2**31 elements per batch: use backend='sdpa'")
+    problem = _offset_problem(q, k, v)
+    if problem:
+        raise ValueError(f"{problem}: use backend='sdpa' (what backend='auto' does)")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
     out, lse = _TritonAttention.apply(q, k, v, bool(causal), scale)
     return (out, lse) if return_lse else out

@@ -7,9 +7,12 @@ With P = softmax(scale * Q K^T) recomputed from the saved fp32 LSE (P_ij = exp(s
     dK_j = scale * sum_i dS_ij Q_i                dQ_i = scale * sum_j dS_ij K_j
 
 Two passes, so no atomics and bit-reproducible results:
-- dK/dV: one program per (KV block, batch, KV head). It loops over the query heads of its GQA group
-  and, for each, over the query blocks that see the KV block, accumulating dK and dV in fp32 registers.
-  Summing the group's heads inside one program is what makes GQA atomic-free.
+- dK/dV: one program per (KV block, batch, KV head, group part). It loops over its share of the query
+  heads of the GQA group and, for each, over the query blocks that see the KV block, accumulating dK and
+  dV in fp32 registers. Summing the group's heads inside one program is what makes GQA atomic-free. When
+  batch x KV heads x KV blocks is too few programs to fill the GPU (MQA at batch 1: 32 programs for 132
+  SMs at 4096 keys), the group is split over SPLIT programs, each writing an fp32 partial dK/dV that the
+  launcher sums in a fixed order (still deterministic).
 - dQ: one program per (query block, batch, query head), looping over KV blocks like the forward.
 Both split their loop into the diagonal blocks (causal mask applied) and the fully visible ones.
 
@@ -160,11 +163,13 @@ def attn_bwd_dkdv_kernel(
     stride_dvs,
     stride_dvh,
     stride_dvd,
+    stride_split,  # DK/DV stride between group parts (fp32 partial buffers when SPLIT > 1)
     H,
     HK,
     SEQ_Q,
     SEQ_K,
     GROUP,
+    SPLIT,  # programs per (KV block, batch, KV head); each takes GROUP // SPLIT query heads
     sm_scale,
     qk_scale,
     HEAD_DIM: tl.constexpr,
@@ -176,7 +181,10 @@ def attn_bwd_dkdv_kernel(
     DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_1 = tl.program_id(1)
+    pid_bhk = pid_1 // SPLIT
+    part = pid_1 % SPLIT
+    heads = GROUP // SPLIT
     off_b = (pid_bhk // HK).to(tl.int64)
     off_hk = (pid_bhk % HK).to(tl.int64)
 
@@ -215,9 +223,9 @@ def attn_bwd_dkdv_kernel(
         lo = 0
         mid = 0
 
-    # The query heads of this KV head's group are summed here, in a fixed order: deterministic GQA.
-    for g in range(GROUP):
-        off_h = off_hk * GROUP + g
+    # This program's query heads of the KV head's group are summed here, in a fixed order: deterministic GQA.
+    for g in range(heads):
+        off_h = off_hk * GROUP + part * heads + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         row_base = (off_b * H + off_h) * SEQ_Q
@@ -235,13 +243,24 @@ def attn_bwd_dkdv_kernel(
         )  # fmt: skip
 
     dk = dk * sm_scale
+    part_off = part.to(tl.int64) * stride_split
     tl.store(
-        DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+        DK
+        + part_off
+        + off_b * stride_dkb
+        + off_hk * stride_dkh
+        + offs_n[:, None] * stride_dks
+        + offs_d[None, :] * stride_dkd,
         dk.to(DK.dtype.element_ty),
         mask=kv_mask,
     )
     tl.store(
-        DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+        DV
+        + part_off
+        + off_b * stride_dvb
+        + off_hk * stride_dvh
+        + offs_n[:, None] * stride_dvs
+        + offs_d[None, :] * stride_dvd,
         dv.to(DV.dtype.element_ty),
         mask=kv_mask,
     )

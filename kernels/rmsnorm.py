@@ -28,6 +28,7 @@ launchers instead (less host overhead per call); both paths are tested against e
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -36,6 +37,7 @@ from torch import nn
 
 from ._common import (
     as_rows,
+    autocast_dtype,
     cdiv,
     check_float,
     check_same_device,
@@ -45,6 +47,7 @@ from ._common import (
     persistent_programs,
     use_triton,
 )
+from ._tune import pick
 
 MAX_WIDTH = 65536
 
@@ -95,7 +98,7 @@ def _rms_norm_bwd_kernel(
     M, N, tiles_per_prog,
     HAS_W: tl.constexpr, HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, COMPUTE_DW: tl.constexpr,
     RELOAD_W: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     # Each program owns the rows [pid, pid + 1) * tiles_per_prog * ROWS and walks them a tile at a time
     # (rows past M masked), keeping its dw contribution in fp32 registers; it writes one partial row at
@@ -109,7 +112,10 @@ def _rms_norm_bwd_kernel(
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid.to(tl.int64) * tiles_per_prog * ROWS
-    for t in range(0, tiles_per_prog):
+    # NUM_STAGES = 2: the compiler prefetches the next tile's x, dy (and dh) into shared memory with
+    # async copies while this tile is computed (sm_90 compile: no extra registers), so a program's
+    # loads overlap its math instead of stalling at the top of every row.
+    for t in tl.range(0, tiles_per_prog, num_stages=NUM_STAGES):
         rows = row_start + t * ROWS + tl.arange(0, ROWS)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
@@ -162,14 +168,48 @@ def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr)
 # 2 programs of 8 warps or 1 of 16 fit an SM), and 16K-wide rows stay at 16 warps (128 registers, a
 # 64-byte spill) where 32 warps would cap every thread at 64 registers and spill much more; at 32K-64K
 # spilling is unavoidable and the widest block wins. tests/test_norm_kernels_sm90.py checks this.
+# These are the fallbacks; on CUDA the launchers time them against twice/half the warps on first use
+# per (kernel, width, dtypes, row-count bucket) and keep the fastest (_tune.py; FASTGROW_TUNE=0: fallback).
 _FWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 32, 32768: 32, 65536: 32}
 _BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
+# Shared memory the backward's prefetch buffers may take (two tiles of its streamed inputs); above it
+# (fp32 inputs at 16K+ widths) the loop runs unpipelined rather than fail to launch (227 KB per block).
+_PIPELINE_SMEM = 160 * 1024
+
+
+@dataclass(frozen=True)
+class NormCfg:
+    rows: int  # rows per tile
+    num_warps: int
+
+    def __repr__(self) -> str:
+        return f"{self.rows}r w{self.num_warps}"
+
+
+def fwd_candidates(n: int) -> tuple[NormCfg, ...]:
+    """Forward configs for width n, fallback first: the table's warps, then twice and half as many
+    (the sm_90 compile report shows no spills for any of them at the model widths)."""
+    _, rows, w, _ = _launch_config(n)
+    return (NormCfg(rows, w), *(NormCfg(rows, c) for c in (2 * w, w // 2) if 2 <= c <= 32))
+
+
+def bwd_candidates(n: int) -> tuple[NormCfg, ...]:
+    """Backward configs for width n, fallback first: the table's warps, then twice as many for tiles of
+    up to 4096 elements (fewer warps would spill, as x, dy and the dw accumulator are live per element;
+    at 8192, 32 warps cap a thread at 64 registers and the fp32-stream variant spills)."""
+    block_n, rows, _, w = _launch_config(n)
+    more = (NormCfg(rows, 2 * w),) if rows * block_n <= 4096 and 2 * w <= 32 else ()
+    return (NormCfg(rows, w), *more)
+
+
+def _rows_bucket(m: int) -> int:
+    return min(1 << 16, next_pow2(max(m, 1024)))
 
 
 @functools.cache
 def _launch_config(n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, ROWS, fwd num_warps, bwd num_warps) for width n: a fixed table, no autotuning
-    (reproducible, no warm-up, same config on every call).
+    """(BLOCK_N, ROWS, fwd num_warps, bwd num_warps) for width n: the fallback table (what runs without
+    tuning, and the first of `fwd_candidates` / `bwd_candidates`).
 
     - BLOCK_N: the row padded to a power of two (a whole row per tile; min 16 so a tile is never
       degenerate).
@@ -190,11 +230,16 @@ def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
 
 
 def _launch_fwd(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    eps: float,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Returns (h or None, y, rstd); y in `y_dtype` (default: h's dtype, see `_out_dtype`)."""
     n = x.shape[-1]
     out_dtype = _out_dtype(x, residual)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=y_dtype or out_dtype, device=x.device)
     h = torch.empty(x.shape, dtype=out_dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if y.numel() == 0:
@@ -204,16 +249,21 @@ def _launch_fwd(
     if weight is not None:
         weight = weight.contiguous()  # the kernels index W with unit stride (a no-op for parameters)
     m = x2.shape[0]
-    block_n, rows, num_warps, _ = _launch_config(n)
-    with device_guard(x):
-        _rms_norm_fwd_kernel[(cdiv(m, rows),)](
+    block_n = _launch_config(n)[0]
+
+    def run(cfg: NormCfg) -> None:
+        _rms_norm_fwd_kernel[(cdiv(m, cfg.rows),)](
             x2, x2.stride(0), x2.stride(1),
             r2, r2.stride(0), r2.stride(1),
             h if h is not None else y, y, weight if weight is not None else y, rstd,
             m, n, eps,
-            HAS_RES=residual is not None, HAS_W=weight is not None, ROWS=rows, BLOCK_N=block_n,
-            num_warps=num_warps,
+            HAS_RES=residual is not None, HAS_W=weight is not None, ROWS=cfg.rows, BLOCK_N=block_n,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
+
+    key = ("rms_fwd", block_n, x.dtype, residual.dtype if residual is not None else None, y.dtype, _rows_bucket(m))
+    with device_guard(x):
+        run(pick(key, fwd_candidates(n), run, x.device))
     return h, y, rstd
 
 
@@ -245,20 +295,24 @@ def _launch_bwd(
     if weight is not None:
         weight = weight.contiguous()  # unit-stride W in the kernel; dw is written contiguous regardless
     m = x2.shape[0]
-    block_n, rows, _, num_warps = _launch_config(n)
-    tiles = cdiv(m, rows)
-    if compute_dw:
-        # Persistent grid sized to what is resident at once, ~16 warps per SM (4 programs of 4 warps,
-        # 2 of 8, 1 of 16+; the register estimate above allows no more): enough loads in flight to
-        # hide latency, no second wave, and an fp32 partial buffer (programs x N) that stays small
-        # next to the main traffic (~8% at 4096 x 4096, less with more rows).
-        progs = min(tiles, persistent_programs(xh.device) * max(1, 16 // num_warps))
-    else:
-        progs = tiles  # no reduction: one tile per program, the widest grid
-    tiles_per_prog = cdiv(tiles, progs)
-    progs = cdiv(tiles, tiles_per_prog)
-    part = torch.empty((progs, n), dtype=torch.float32, device=xh.device) if compute_dw else dx  # dx: unused
-    with device_guard(xh):
+    block_n = _launch_config(n)[0]
+    streamed = dy2.element_size() + x2.element_size() + (dh2.element_size() if dh is not None else 0)
+    out: dict[str, torch.Tensor] = {}
+
+    def run(cfg: NormCfg) -> None:
+        tiles = cdiv(m, cfg.rows)
+        if compute_dw:
+            # Persistent grid sized to what is resident at once, ~16 warps per SM (4 programs of 4
+            # warps, 2 of 8, 1 of 16+; the register estimate above allows no more): enough loads in
+            # flight to hide latency, no second wave, and an fp32 partial buffer (programs x N) that
+            # stays small next to the main traffic (~8% at 4096 x 4096, less with more rows).
+            progs = min(tiles, persistent_programs(xh.device) * max(1, 16 // cfg.num_warps))
+        else:
+            progs = tiles  # no reduction: one tile per program, the widest grid
+        tiles_per_prog = cdiv(tiles, progs)
+        progs = cdiv(tiles, tiles_per_prog)
+        part = torch.empty((progs, n), dtype=torch.float32, device=xh.device) if compute_dw else dx  # dx: unused
+        stages = 2 if 2 * cfg.rows * block_n * streamed <= _PIPELINE_SMEM else 1
         _rms_norm_bwd_kernel[(progs,)](
             dy2, dy2.stride(0), dy2.stride(1),
             x2, x2.stride(0), x2.stride(1),
@@ -266,14 +320,19 @@ def _launch_bwd(
             weight if weight is not None else dx, rstd, dx, dr if dr is not None else dx, part,
             m, n, tiles_per_prog,
             HAS_W=weight is not None, HAS_DH=dh is not None, HAS_DR=dr is not None,
-            COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+            COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=cfg.rows, BLOCK_N=block_n, NUM_STAGES=stages,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
-    if compute_dw:
-        dw = torch.empty(n, dtype=dw_dtype, device=xh.device)
-        with device_guard(xh):
+        if compute_dw:
+            dw = torch.empty(n, dtype=dw_dtype, device=xh.device)
             _dw_sum_kernel[(cdiv(n, 64),)](part, dw, progs, n, BLOCK_P=32, BLOCK_C=64, num_warps=4)
-    else:
-        dw = torch.empty(0, dtype=dw_dtype, device=xh.device)
+            out["dw"] = dw
+
+    key = ("rms_bwd", block_n, dy.dtype, xh.dtype, dh.dtype if dh is not None else None, dx_dtype, dr_dtype)
+    key += (compute_dw, _rows_bucket(m))
+    with device_guard(xh):
+        run(pick(key, bwd_candidates(n), run, xh.device))
+    dw = out["dw"] if compute_dw else torch.empty(0, dtype=dw_dtype, device=xh.device)
     return dx, dr, dw
 
 
@@ -283,32 +342,32 @@ def _launch_bwd(
 @torch.library.custom_op(
     "fastgrow::rms_norm_fwd",
     mutates_args=(),
-    schema="(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor? weight, float eps, ScalarType? out_dtype) -> (Tensor, Tensor)",
 )
-def _rms_norm_fwd_op(x, weight, eps):
-    _, y, rstd = _launch_fwd(x, None, weight, eps)
+def _rms_norm_fwd_op(x, weight, eps, out_dtype):
+    _, y, rstd = _launch_fwd(x, None, weight, eps, out_dtype)
     return y, rstd
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, weight, eps):
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, weight, eps, out_dtype):
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(
     "fastgrow::add_rms_norm_fwd",
     mutates_args=(),
-    schema="(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor x, Tensor residual, Tensor? weight, float eps, ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)",
 )
-def _add_rms_norm_fwd_op(x, residual, weight, eps):
-    return _launch_fwd(x, residual, weight, eps)
+def _add_rms_norm_fwd_op(x, residual, weight, eps, out_dtype):
+    return _launch_fwd(x, residual, weight, eps, out_dtype)
 
 
 @_add_rms_norm_fwd_op.register_fake
-def _(x, residual, weight, eps):
+def _(x, residual, weight, eps, out_dtype):
     h = torch.empty_like(x, dtype=_out_dtype(x, residual), memory_format=torch.contiguous_format)
-    return h, torch.empty_like(h), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return h, torch.empty_like(h, dtype=out_dtype or h.dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op(
@@ -332,7 +391,7 @@ def _(dy, x, weight, rstd, dh, compute_dw, dx_dtype, dr_dtype):
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, _eps, _out_dtype = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -342,7 +401,7 @@ def _rms_norm_backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_dw = weight is not None and ctx.needs_input_grad[1]
     dx, _, dw = torch.ops.fastgrow.rms_norm_bwd(dy, x, weight, rstd, None, need_dw, x.dtype, None)
-    return dx, (dw if need_dw else None), None
+    return dx, (dw if need_dw else None), None, None
 
 
 _rms_norm_fwd_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
@@ -355,7 +414,7 @@ def _grad_dtypes(x_dtype: torch.dtype, r_dtype: torch.dtype) -> tuple[torch.dtyp
 
 
 def _add_rms_norm_setup(ctx, inputs, output):
-    x, residual, weight, _eps = inputs
+    x, residual, weight, _eps, _out_dtype = inputs
     h, _y, rstd = output
     ctx.save_for_backward(h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -367,7 +426,7 @@ def _add_rms_norm_backward(ctx, dh, dy, _drstd):
     need_dw = weight is not None and ctx.needs_input_grad[2]
     dx_dtype, dr_dtype = ctx.grad_dtypes
     dx, dr, dw = torch.ops.fastgrow.rms_norm_bwd(dy, h, weight, rstd, dh, need_dw, dx_dtype, dr_dtype)
-    return dx, (dr if dr_dtype is not None else dx), (dw if need_dw else None), None
+    return dx, (dr if dr_dtype is not None else dx), (dw if need_dw else None), None, None
 
 
 _add_rms_norm_fwd_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
@@ -379,8 +438,10 @@ class _RMSNormFn(torch.autograd.Function):
     the host, not the GPU, is the bottleneck. Returns y, or (h, y) with a residual."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        h, y, rstd = _launch_fwd(x, residual, weight, eps)
+    def forward(ctx, x, residual, weight, eps, out_dtype):
+        h, y, rstd = _launch_fwd(x, residual, weight, eps, out_dtype)
+        # An unused output (e.g. the final norm's h) then arrives as None, not as a zero-filled tensor.
+        ctx.set_materialize_grads(False)
         ctx.has_residual = h is not None
         ctx.grad_dtypes = _grad_dtypes(x.dtype, residual.dtype) if h is not None else (x.dtype, None)
         ctx.save_for_backward(h if h is not None else x, weight, rstd)
@@ -391,9 +452,14 @@ class _RMSNormFn(torch.autograd.Function):
         xh, weight, rstd = ctx.saved_tensors
         need_dw = weight is not None and ctx.needs_input_grad[2]
         dh, dy = grads if ctx.has_residual else (None, grads[0])
+        if dy is None:  # only h was used: the gradient passes straight through to x and residual
+            if dh is None:
+                return None, None, None, None, None
+            dx_dtype, dr_dtype = ctx.grad_dtypes
+            return dh.to(dx_dtype), dh.to(dr_dtype or dx_dtype), None, None, None
         dx, dr, dw = _launch_bwd(dy, xh, weight, rstd, dh, need_dw, *ctx.grad_dtypes)
         dres = (dr if dr is not None else dx) if ctx.has_residual else None
-        return dx, dres, (dw if need_dw else None), None
+        return dx, dres, (dw if need_dw else None), None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,22 +493,32 @@ def _check_width(n: int) -> None:
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, impl: str = "auto") -> torch.Tensor:
-    """RMS-normalise the last dim of `x` and scale by `weight` (None: no affine). Returns x.dtype.
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    impl: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """RMS-normalise the last dim of `x` and scale by `weight` (None: no affine).
 
+    Returns `out_dtype`; by default x.dtype, or the autocast dtype under autocast (statistics are fp32
+    either way; producing the matmul's dtype here saves the cast kernel autocast would add after it).
     impl: "auto" (Triton on CUDA, and on CPU under TRITON_INTERPRET=1; else the reference),
     "triton" or "ref".
     """
     _check_inputs(x, weight)
+    out_dtype = autocast_dtype(x, out_dtype)
     if not use_triton(x, impl) or x.numel() == 0:
         # Empty inputs take the reference path: it returns empty outputs and well-formed (zero) grads.
-        return rms_norm_ref(x, weight, eps)
+        return rms_norm_ref(x, weight, eps, out_dtype=out_dtype)
     _check_width(x.shape[-1])
     if torch.compiler.is_compiling():
-        return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps))[0]
+        return torch.ops.fastgrow.rms_norm_fwd(x, weight, float(eps), out_dtype)[0]
     if _needs_autograd(x, weight):
-        return _RMSNormFn.apply(x, None, weight, float(eps))
-    return _launch_fwd(x, None, weight, float(eps))[1]  # inference: no autograd node, no saved tensors
+        return _RMSNormFn.apply(x, None, weight, float(eps), out_dtype)
+    return _launch_fwd(x, None, weight, float(eps), out_dtype)[1]  # inference: no autograd node, no saved tensors
 
 
 def add_rms_norm(
@@ -452,21 +528,24 @@ def add_rms_norm(
     eps: float = 1e-6,
     *,
     impl: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused `h = x + residual; y = rms_norm(h, weight, eps)`. Returns (h, y), both differentiable.
 
-    h and y have the promoted dtype of x and residual (torch's rule for `x + residual`).
+    h has the promoted dtype of x and residual (torch's rule for `x + residual`); y has `out_dtype`, by
+    default h's dtype, or the autocast dtype under autocast (as `rms_norm`).
     """
     _check_inputs(x, weight, residual)
+    out_dtype = autocast_dtype(x, out_dtype)
     if not use_triton(x, impl) or x.numel() == 0:
-        return add_rms_norm_ref(x, residual, weight, eps)
+        return add_rms_norm_ref(x, residual, weight, eps, out_dtype=out_dtype)
     _check_width(x.shape[-1])
     if torch.compiler.is_compiling():
-        h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps))
+        h, y, _rstd = torch.ops.fastgrow.add_rms_norm_fwd(x, residual, weight, float(eps), out_dtype)
         return h, y
     if _needs_autograd(x, residual, weight):
-        return _RMSNormFn.apply(x, residual, weight, float(eps))
-    h, y, _rstd = _launch_fwd(x, residual, weight, float(eps))
+        return _RMSNormFn.apply(x, residual, weight, float(eps), out_dtype)
+    h, y, _rstd = _launch_fwd(x, residual, weight, float(eps), out_dtype)
     return h, y
 
 
@@ -509,18 +588,25 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # fp32 references (test oracle and CPU path)
 # ----------------------------------------------------------------------------------------------------
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
-    """fp32 torch reference; returns x.dtype."""
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """fp32 torch reference; returns `out_dtype` (default x.dtype; no autocast resolution here)."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
 def add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float = 1e-6,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (torch's promoted dtype), y = rms_norm(h) in h's dtype; returns (h, y)."""
+    """h = x + residual (torch's promoted dtype), y = rms_norm(h) in `out_dtype` (default h's); returns (h, y)."""
     h = x + residual
-    return h, rms_norm_ref(h, weight, eps)
+    return h, rms_norm_ref(h, weight, eps, out_dtype=out_dtype)

@@ -27,7 +27,16 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._common import as_rows, cdiv, check_float, check_same_device, device_guard, next_pow2, use_triton
+from ._common import (
+    as_rows,
+    autocast_dtype,
+    cdiv,
+    check_float,
+    check_same_device,
+    device_guard,
+    next_pow2,
+    use_triton,
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,8 +122,8 @@ def _launch_config(f: int) -> tuple[int, int]:
     return max(1, _TILE // block_f), block_f
 
 
-def _launch_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+def _launch_fwd(gate: torch.Tensor, up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = torch.empty(gate.shape, dtype=out_dtype or gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
     g2, u2 = as_rows(gate), as_rows(up)
@@ -160,14 +169,16 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------
 # Custom ops + autograd
 # ----------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastgrow::swiglu_fwd", mutates_args=(), schema="(Tensor gate, Tensor up) -> Tensor")
-def _swiglu_fwd_op(gate, up):
-    return _launch_fwd(gate, up)
+@torch.library.custom_op(
+    "fastgrow::swiglu_fwd", mutates_args=(), schema="(Tensor gate, Tensor up, ScalarType? out_dtype) -> Tensor"
+)
+def _swiglu_fwd_op(gate, up, out_dtype):
+    return _launch_fwd(gate, up, out_dtype)
 
 
 @_swiglu_fwd_op.register_fake
-def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+def _(gate, up, out_dtype):
+    return torch.empty_like(gate, dtype=out_dtype or gate.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(
@@ -190,14 +201,16 @@ def _(dout, gate, up):
     )
 
 
-@torch.library.custom_op("fastgrow::swiglu_packed_fwd", mutates_args=(), schema="(Tensor x) -> Tensor")
-def _swiglu_packed_fwd_op(x):
-    return _launch_fwd(*_halves(x))
+@torch.library.custom_op(
+    "fastgrow::swiglu_packed_fwd", mutates_args=(), schema="(Tensor x, ScalarType? out_dtype) -> Tensor"
+)
+def _swiglu_packed_fwd_op(x, out_dtype):
+    return _launch_fwd(*_halves(x), out_dtype)
 
 
 @_swiglu_packed_fwd_op.register_fake
-def _(x):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+def _(x, out_dtype):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=out_dtype or x.dtype)
 
 
 @torch.library.custom_op("fastgrow::swiglu_packed_bwd", mutates_args=(), schema="(Tensor dout, Tensor x) -> Tensor")
@@ -215,17 +228,17 @@ def _(dout, x):
 
 
 def _swiglu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:-1])  # the tensors; out_dtype is last
 
 
 def _swiglu_backward(ctx, dout):
     gate, up = ctx.saved_tensors
-    return torch.ops.fastgrow.swiglu_bwd(dout, gate, up)
+    return (*torch.ops.fastgrow.swiglu_bwd(dout, gate, up), None)
 
 
 def _swiglu_packed_backward(ctx, dout):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastgrow.swiglu_packed_bwd(dout, x)
+    return torch.ops.fastgrow.swiglu_packed_bwd(dout, x), None
 
 
 _swiglu_fwd_op.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
@@ -237,10 +250,10 @@ class _SwiGLUFn(torch.autograd.Function):
     `up=None`: packed input, and the gradient is one packed tensor."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, out_dtype):
         ctx.packed = up is None
         ctx.save_for_backward(gate, up)
-        return _launch_fwd(*_halves(gate)) if up is None else _launch_fwd(gate, up)
+        return _launch_fwd(*_halves(gate), out_dtype) if up is None else _launch_fwd(gate, up, out_dtype)
 
     @staticmethod
     def backward(ctx, dout):
@@ -249,11 +262,11 @@ class _SwiGLUFn(torch.autograd.Function):
             dx = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
             dg, du = _halves(dx)
             _launch_bwd(dout, *_halves(gate), as_rows(dg), as_rows(du))
-            return dx, None
+            return dx, None, None
         dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
         du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
         _launch_bwd(dout, gate, up, as_rows(dg), as_rows(du))
-        return dg, du
+        return dg, du, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,22 +288,33 @@ def _check_inputs(gate: torch.Tensor, up: torch.Tensor | None) -> None:
         raise ValueError(f"gate ({gate.dtype}) and up ({up.dtype}) must have one dtype")
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, impl: str = "auto") -> torch.Tensor:
-    """silu(gate) * up in the input dtype. `up=None`: `gate` is packed [..., 2F] (gate half, then up).
+def swiglu(
+    gate: torch.Tensor,
+    up: torch.Tensor | None = None,
+    *,
+    impl: str = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """silu(gate) * up. `up=None`: `gate` is packed [..., 2F] (gate half, then up).
 
+    Returns `out_dtype`; by default the input dtype, or the autocast dtype under autocast (the math is
+    fp32 either way; the next op is the down projection, which would cast to it).
     impl: "auto" (Triton on CUDA, and on CPU under TRITON_INTERPRET=1; else the reference),
     "triton" or "ref".
     """
     _check_inputs(gate, up)
+    out_dtype = autocast_dtype(gate, out_dtype)
+    if out_dtype == gate.dtype:
+        out_dtype = None
     if not use_triton(gate, impl) or gate.numel() == 0:
-        return swiglu_ref(gate, up)
+        return swiglu_ref(gate, up, out_dtype=out_dtype)
     if not torch.compiler.is_compiling():
         if torch.is_grad_enabled() and (gate.requires_grad or (up is not None and up.requires_grad)):
-            return _SwiGLUFn.apply(gate, up)
-        return _launch_fwd(*_halves(gate)) if up is None else _launch_fwd(gate, up)  # inference
+            return _SwiGLUFn.apply(gate, up, out_dtype)
+        return _launch_fwd(*_halves(gate), out_dtype) if up is None else _launch_fwd(gate, up, out_dtype)
     if up is None:
-        return torch.ops.fastgrow.swiglu_packed_fwd(gate)
-    return torch.ops.fastgrow.swiglu_fwd(gate, up)
+        return torch.ops.fastgrow.swiglu_packed_fwd(gate, out_dtype)
+    return torch.ops.fastgrow.swiglu_fwd(gate, up, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,8 +334,11 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # fp32 reference (test oracle and CPU path)
 # ----------------------------------------------------------------------------------------------------
-def swiglu_ref(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 torch reference; `up=None` means `gate` is packed [..., 2F]. Returns the input dtype."""
+def swiglu_ref(
+    gate: torch.Tensor, up: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """fp32 torch reference; `up=None` means `gate` is packed [..., 2F]. Returns `out_dtype` (default the
+    input dtype; no autocast resolution here)."""
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(out_dtype or gate.dtype)

@@ -6,9 +6,11 @@ Triton's bundled ptxas/cuobjdump compile and inspect a cubin with no GPU present
 the launch configs the launchers actually use and with the specialisations a real launch gets (16-byte
 aligned pointers, unit column stride, widths divisible by 16):
   - every kernel variant compiles;
-  - global loads are 16-byte vectorised (ld.global.v4);
+  - global loads are 16-byte vectorised (ld.global.v4, or 16-byte cp.async in a pipelined loop);
   - no register spills (local-memory stack) at the widths the model uses (<= 8192; the backward at
-    16384 spills a little and 32K-64K rows spill by design of the whole-row-in-registers scheme).
+    16384 spills a little and 32K-64K rows spill by design of the whole-row-in-registers scheme), also
+    for the tuner's other candidates at 8192;
+  - the backward's row loop prefetches the next tile (async copies into shared memory).
 The compiles run in one child process without TRITON_INTERPRET (this test session sets it, and an
 interpreting process patches parts of triton.language that the real compiler then trips over).
 Skipped when this Triton lacks the internals used here (they are not a public API).
@@ -26,6 +28,9 @@ import pytest
 
 RMS_WIDTHS = (1024, 4096, 8192)
 FFN_WIDTHS = (2816, 11008)
+
+
+V4_LOAD = r"ld\.global[\w.]*\.v4|cp\.async\.cg\.shared\.global[^;]*, 0x10,"
 
 
 def compile_sm90(kernel, types: dict, consts: dict, num_warps: int, aligned: tuple) -> dict:
@@ -48,10 +53,36 @@ def compile_sm90(kernel, types: dict, consts: dict, num_warps: int, aligned: tup
     finally:
         os.unlink(f.name)
     return {
-        "v4_loads": len(re.findall(r"ld\.global[\w.]*\.v4", compiled.asm["ptx"])),
+        # 16-byte loads: direct (ld.global.v4) or, in a pipelined loop, async copies into shared memory
+        "v4_loads": len(
+            re.findall(r"ld\.global[\w.]*\.v4|cp\.async\.cg\.shared\.global[^;]*, 0x10,", compiled.asm["ptx"])
+        ),
         "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
         "regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "async": "async_copy_global_to_local" in compiled.asm["ttgir"],
     }
+
+
+def compile_candidates(R, n: int) -> dict:
+    """The non-fallback tuning candidates at width n: forward with the residual, backward in its heaviest
+    (autocast: fp32 stream, gradient stored twice) variant."""
+    block_n = R._launch_config(n)[0]
+    out = {}
+    for cand in R.fwd_candidates(n)[1:]:
+        types = {k: "*bf16" for k in ("X", "R", "H", "Y", "W")}
+        types.update(RSTD="*fp32", stride_xm="i32", stride_rm="i32", M="i32", N="i32", eps="fp32")
+        consts = dict(stride_xn=1, stride_rn=1, HAS_RES=True, HAS_W=True, ROWS=cand.rows, BLOCK_N=block_n)
+        aligned = ("X", "R", "H", "Y", "W", "RSTD", "stride_xm", "stride_rm", "N")
+        out[f"cand_fwd-{n}-{cand!r}"] = compile_sm90(R._rms_norm_fwd_kernel, types, consts, cand.num_warps, aligned)
+    for cand in R.bwd_candidates(n)[1:]:
+        types = {k: "*fp32" for k in ("DY", "X", "DH", "W", "DR")}
+        types.update(DX="*bf16", RSTD="*fp32", DW_PART="*fp32", M="i32", N="i32", tiles_per_prog="i32")
+        types.update(stride_dym="i32", stride_xm="i32", stride_dhm="i32")
+        consts = dict(stride_dyn=1, stride_xn=1, stride_dhn=1, HAS_W=True, HAS_DH=True, HAS_DR=True)
+        consts.update(COMPUTE_DW=True, RELOAD_W=block_n >= 8192, ROWS=cand.rows, BLOCK_N=block_n, NUM_STAGES=2)
+        aligned = ("DY", "X", "DH", "W", "RSTD", "DX", "DR", "DW_PART", "stride_dym", "stride_xm", "stride_dhm", "N")
+        out[f"cand_bwd-{n}-{cand!r}"] = compile_sm90(R._rms_norm_bwd_kernel, types, consts, cand.num_warps, aligned)
+    return out
 
 
 def compile_all() -> dict:
@@ -61,6 +92,8 @@ def compile_all() -> dict:
     out = {}
     for n in RMS_WIDTHS:
         block_n, rows, fwd_warps, bwd_warps = R._launch_config(n)
+        if n >= 4096:  # the tuner's other candidates, at the widest model widths (where spills start)
+            out.update(compile_candidates(R, n))
         for residual in (False, True):
             types = {k: "*bf16" for k in ("X", "R", "H", "Y", "W")}
             types.update(RSTD="*fp32", stride_xm="i32", stride_rm="i32", M="i32", N="i32", eps="fp32")
@@ -76,7 +109,7 @@ def compile_all() -> dict:
             types.update(stride_dym="i32", stride_xm="i32", stride_dhm="i32")
             consts = dict(stride_dyn=1, stride_xn=1, stride_dhn=1, HAS_W=True, HAS_DH=variant != "plain")
             consts.update(HAS_DR=variant == "autocast", COMPUTE_DW=True, RELOAD_W=block_n >= 8192)
-            consts.update(ROWS=rows, BLOCK_N=block_n)
+            consts.update(ROWS=rows, BLOCK_N=block_n, NUM_STAGES=2)
             aligned = ("DY", "X", "DH", "W", "RSTD", "DX", "DR", "DW_PART", "stride_dym", "stride_xm")
             aligned += ("stride_dhm", "N")
             out[f"rms_bwd-{n}-{variant}"] = compile_sm90(R._rms_norm_bwd_kernel, types, consts, bwd_warps, aligned)
@@ -123,6 +156,14 @@ def test_rms_norm_bwd_compiles_vectorised_without_spills(sm90, n, variant):
     r = sm90[f"rms_bwd-{n}-{variant}"]
     assert r["v4_loads"] >= (2 if variant == "plain" else 3), r
     assert r["stack"] == 0, f"backward spills at width {n}: {r}"
+    assert r["async"], f"backward row loop not pipelined (no async prefetch) at width {n}: {r}"
+
+
+def test_tuning_candidates_compile_without_spills(sm90):
+    cands = {k: v for k, v in sm90.items() if k.startswith("cand_")}
+    assert len(cands) >= 3, sorted(sm90)
+    for name, r in cands.items():
+        assert r["stack"] == 0, f"{name} spills: {r}"
 
 
 def test_dw_reduction_compiles_vectorised_without_spills(sm90):

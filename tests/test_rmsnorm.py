@@ -1,6 +1,6 @@
 """RMSNorm and fused residual RMSNorm: Triton kernels (interpreter on CPU) against the fp32 reference.
 
-Tolerance rule (DESIGN.md 5): max|ours - ref32| <= 2 * max|torch in the same dtype - ref32| + floor.
+Tolerance rule (docs/architecture.md, section 8): max|ours - ref32| <= 2 * max|torch in the same dtype - ref32| + floor.
 Note: the Triton interpreter converts fp32 -> bf16 by truncation, not round-to-nearest (GPU rounds), so
 bf16 outputs here may sit one bf16 ulp away from torch's; the rule's bf16 floor covers that.
 """
@@ -338,9 +338,10 @@ def test_max_width_row():
 @pytest.mark.parametrize(
     "op, args",
     [
-        ("rms_norm_fwd", lambda: (torch.randn(3, 5, 33), torch.randn(33), 1e-6)),
-        ("rms_norm_fwd", lambda: (torch.randn(4, 33), None, 1e-5)),
-        ("add_rms_norm_fwd", lambda: (torch.randn(4, 33), torch.randn(4, 33), torch.randn(33), 1e-6)),
+        ("rms_norm_fwd", lambda: (torch.randn(3, 5, 33), torch.randn(33), 1e-6, None)),
+        ("rms_norm_fwd", lambda: (torch.randn(4, 33), None, 1e-5, torch.float16)),
+        ("add_rms_norm_fwd", lambda: (torch.randn(4, 33), torch.randn(4, 33), torch.randn(33), 1e-6, None)),
+        ("add_rms_norm_fwd", lambda: (torch.randn(4, 33).half(), torch.randn(4, 33), None, 1e-6, torch.float16)),
     ],
 )
 def test_custom_op_registration(op, args):
@@ -455,3 +456,57 @@ def test_gpu_int64_offsets():
     (ylp,), (dxlp, _) = grads(naive_lowp, [x[tail].detach(), w], [g[tail]])
     assert_rule("y tail", y[tail], y32, ylp, torch.bfloat16)
     assert_rule("dx tail", x.grad[tail], dx32, dxlp, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output dtype: under autocast y is the autocast dtype (no separate cast kernel before the next matmul)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_autocast_output_dtype(impl):
+    x = torch.randn(5, 3, 40, requires_grad=True)
+    w = torch.randn(40, requires_grad=True)
+    g = torch.randn(5, 3, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rms_norm(x, w, EPS, impl=impl)
+    assert y.dtype == torch.bfloat16
+    # Oracle: the fp32 reference rounded to bf16 once (the interpreter truncates: allow one bf16 ulp).
+    ref = rms_norm_ref(x.detach(), w.detach(), EPS)
+    torch.testing.assert_close(y.float(), ref, rtol=2**-7, atol=1e-6)
+    y.backward(g.bfloat16())
+    (_,), (dx32, dw32) = grads(ref32_fn, [x, w], [g.bfloat16().float()])
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, dx32, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, dw32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_autocast_add_rms_norm_keeps_fp32_stream(impl):
+    # The model's case: a bf16 branch output added to the fp32 residual stream. h stays fp32 (the stream),
+    # y is bf16 (the next matmul's input); explicit out_dtype works the same without autocast.
+    a = torch.randn(4, 24).bfloat16()
+    r = torch.randn(4, 24)
+    w = torch.randn(24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, y = add_rms_norm(a, r, w, EPS, impl=impl)
+    h2, y2 = add_rms_norm(a, r, w, EPS, impl=impl, out_dtype=torch.bfloat16)
+    assert h.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert torch.equal(h, h2) and torch.equal(y, y2)
+    torch.testing.assert_close(h, a.float() + r, rtol=0, atol=0)
+    torch.testing.assert_close(y.float(), rms_norm_ref(a.float() + r, w, EPS), rtol=2**-7, atol=1e-6)
+
+
+def test_unused_h_or_y_gets_no_zero_gradient():
+    # The model's final norm uses only y of add_rms_norm; a branch may use only h. Both must backprop.
+    x, r, w = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32)
+    for use in ("y", "h"):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        h, y = add_rms_norm(*leaves, EPS, impl="triton")
+        (y if use == "y" else h).square().sum().backward()
+        ref_leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+        hr, yr = add_rms_norm_ref(*ref_leaves, EPS)
+        (yr if use == "y" else hr).square().sum().backward()
+        for a, b in zip(leaves, ref_leaves):
+            if b.grad is None:
+                assert a.grad is None or torch.all(a.grad == 0)
+            else:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)

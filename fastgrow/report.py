@@ -59,7 +59,7 @@ def train_line(rec: dict[str, Any], total_steps: int | None = None) -> str:
     step = f"{rec['step']}/{total_steps}" if total_steps else f"{rec['step']}"
     mfu = rec.get("mfu")
     parts = [
-        f"step {step}",
+        ("G_learn " if rec.get("phase") == "learn" else "") + f"step {step}",  # the operator's training
         f"loss {_num(rec['loss'], '.4f')}",
         f"lr {_num(rec['lr'], '.2e')}",
         f"grad norm {_num(rec.get('grad_norm'), '.3f')}",

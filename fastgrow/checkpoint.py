@@ -9,6 +9,8 @@ Layout of a run directory:
         state.json             step, tokens, data cursor, RNG states, schedule, growth history, the run
                                config (what a resume must agree with) and the current model architecture
         tokenizer.json         copy of the run's tokenizer, when known (for export)
+        learn.safetensors      only while G_learn trains its maps: the maps and their Adam state
+                               (state.json "learn" holds the phase's settings and progress)
         manifest.json          written LAST: the layout ("single") and every file with its size and sha256
 
 A checkpoint is written into `step-N.tmp-<random>`, each file fsynced, the manifest last, then the
@@ -88,7 +90,9 @@ class Layout:
 # The single-process layout, and the sharded layout of distributed runs (fastgrow.checkpoint_dcp: DCP's
 # index and one data file per rank; checkpoint_dcp.check_listing also requires every file under dcp/).
 LAYOUTS: dict[str, Layout] = {
-    "single": Layout("single", ("model.safetensors", "optimizer.safetensors", STATE), ("tokenizer.json",)),
+    "single": Layout(
+        "single", ("model.safetensors", "optimizer.safetensors", STATE), ("tokenizer.json", "learn.safetensors")
+    ),
     "dcp": Layout("dcp", (STATE, "dcp/.metadata"), ("tokenizer.json",), pattern=r"dcp/__\d+_\d+\.distcp"),
 }
 DEFAULT_LAYOUT = "single"  # manifests written before the "layout" key existed
@@ -271,6 +275,8 @@ def save_checkpoint(
         weights = {n: t.detach().contiguous() for n, t in state.model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         save_file(optimizer_tensors(state), str(tmp / "optimizer.safetensors"))
+        if state.learn is not None:
+            save_file(state.learn.state_tensors(), str(tmp / "learn.safetensors"))
         write_checkpoint_meta(tmp, state, tokenizer, metrics_records=metrics_records)
         commit_checkpoint(tmp, final, state.step, "single")
     except BaseException as e:
@@ -323,6 +329,8 @@ def write_checkpoint_meta(
         "rng": _rng_state(),
         **(extra or {}),
     }
+    if state.learn is not None:
+        meta["learn"] = state.learn.state_meta()
     if metrics_records is not None:
         meta["metrics_records"] = metrics_records
     write_json_durable(tmp / STATE, meta)
@@ -559,6 +567,13 @@ def load_checkpoint(
                 f"{ckpt}: weights do not match the model (missing {missing}, unexpected {unexpected})"
             )
         load_optimizer_tensors(state, load_file(str(ckpt / "optimizer.safetensors"), device=str(dev)))
+    if meta.get("learn") is not None:
+        from fastgrow.grow_learn import LearnPhase
+
+        learn_path = ckpt / "learn.safetensors"
+        if not learn_path.is_file():
+            raise CheckpointError(f"{learn_path}: missing, but state.json records a G_learn phase in progress")
+        state.learn = LearnPhase.restore(state, meta["learn"], load_file(str(learn_path), device=str(dev)))
     if restore_rng:
         restore_rng_state(meta)
     return state

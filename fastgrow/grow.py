@@ -33,6 +33,8 @@ width (see fastgrow.grow_width): over dim (more heads, head dim kept) and ffn_di
                  between the copies so the copies diverge in training (dim: integer ratios; ffn: any)
     zero         function preserving: new units' outputs zero, everything they read random (any ratio)
     random       old block kept, new entries random (the function changes; any ratio)
+learned (growth.op = "learn", fastgrow.grow_learn): G_learn / LiGO maps start at stack + width direct, are
+    trained on the training stream, then written through grow(weights=) below.
 
 Moments: a copied layer carries its exp_avg / exp_avg_sq / step; width `direct` scales them by the
 gradient share g of each unit's copy, m*g and v*g^2 (grow_width: Staged Training's m/2, v/4 for an even
@@ -558,12 +560,13 @@ def plan_from_config(growth: GrowthConfig, model: ModelConfig) -> GrowPlan:
     op = growth.op
     if op == "width":
         depth, factor = "none", 0
-    elif op in DEPTH_OPS and op != "none":
-        depth, factor = op, growth.factor
-        if op in ("stack", "interpolate", "zero", "random") and not (factor or growth.target_layers or growth.spec):
+    elif (op in DEPTH_OPS and op != "none") or op == "learn":
+        # learn: the plan is the copy operator its maps start from (G_stack), see fastgrow.grow_learn.
+        depth, factor = ("stack" if op == "learn" else op), growth.factor
+        if depth in ("stack", "interpolate", "zero", "random") and not (factor or growth.target_layers or growth.spec):
             factor = DEFAULT_FACTOR
     else:
-        raise ValueError(f"growth.op must be one of {[*DEPTH_OPS[1:], 'width']}, got {op!r}")
+        raise ValueError(f"growth.op must be one of {[*DEPTH_OPS[1:], 'width', 'learn']}, got {op!r}")
     return GrowPlan(
         depth=depth,
         factor=factor,

@@ -4,6 +4,7 @@ and offline growth of a checkpoint on disk (`grow_checkpoint`, what `fastgrow gr
 fastgrow plan --params 7B --tokens 300B [--factor 4] [--preset 7B] [--layers 32] [--json]
 fastgrow plan --preset 410M --tokens 100B --stages 2 [--grow depth|width|alternate]   # Staged Training
 fastgrow grow IN_CKPT OUT_RUN_DIR --op stack --factor 4 [--optimizer copy|reset] [--schedule ...]
+fastgrow grow IN_CKPT OUT_RUN_DIR --op learn --factor 4 --data DIR [--learn-steps 100] [--learn-lr 1e-2]
 
 `--op` takes the names of the `growth.op` config key (`width`: width growth only; `none` is an alias),
 and `--factor` defaults to the paper's 4 for the operators that read it, as in a run's [growth]. Nothing
@@ -13,6 +14,7 @@ here imports torch until a command runs (`fastgrow --help` and `fastgrow plan` s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,11 +45,22 @@ def grow_checkpoint(
     would (the growth counts as the next stage of the run's growth list). The caller's global RNG state
     is left as it was. Returns the written step directory.
     """
-    import torch
-
-    from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from fastgrow.checkpoint import load_checkpoint
     from fastgrow.grow import grow
-    from fastgrow.runlock import RunLock
+
+    src, out = checked_paths(in_path, out_path)
+    with caller_rng_kept():
+        # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
+        state = load_checkpoint(src, device, restore_rng=True)
+        grown = grow(state, plan)
+        grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
+        return save_grown(grown, src, out, keep)
+
+
+def checked_paths(in_path: str | Path, out_path: str | Path) -> tuple[Path, Path]:
+    """(the input checkpoint's step directory, the output run directory) of an offline growth, or
+    ValueError when the output is the input's run directory or already holds checkpoints."""
+    from fastgrow.checkpoint import latest_checkpoint, resolve_checkpoint
 
     src = resolve_checkpoint(in_path)
     out = Path(out_path)
@@ -58,20 +71,33 @@ def grow_checkpoint(
     if existing is not None:
         # Its newer/equal steps would outrank the grown checkpoint on --resume (or prune it away).
         raise ValueError(f"{out} already holds checkpoints ({existing.name}); grow into a new run directory")
+    return src, out
+
+
+@contextlib.contextmanager
+def caller_rng_kept():
+    """Restore the caller's global CPU (and CUDA) RNG states on exit: an offline growth loads a
+    checkpoint's RNG state into the process so that the grown checkpoint carries it."""
+    import torch
+
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
-        state = load_checkpoint(src, device, restore_rng=True)
-        grown = grow(state, plan)
-        grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
-        tok = src / "tokenizer.json"
-        with RunLock(out):
-            return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
+        yield
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def save_grown(grown, src: Path, out: Path, keep: int) -> Path:
+    """Save an offline-grown state into run directory `out`, with the source checkpoint's tokenizer."""
+    from fastgrow.checkpoint import save_checkpoint
+    from fastgrow.runlock import RunLock
+
+    tok = src / "tokenizer.json"
+    with RunLock(out):
+        return save_checkpoint(grown, out, keep=max(2, keep), tokenizer=tok if tok.is_file() else None)
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
@@ -175,11 +201,18 @@ def _cmd_plan_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+LEARN_KEYS = ("learn_steps", "learn_tokens", "val_loss_before", "val_loss_learn_start", "val_loss_after")
+
+
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     from fastgrow.grow import GrowPlan
     from fastgrow.state import resolve_device
 
-    depth = "none" if args.op in ("width", "none") else args.op
+    learn = args.op == "learn"
+    if not learn and (args.data is not None or args.learn_steps is not None or args.learn_lr is not None):
+        raise ValueError("--data, --learn-steps and --learn-lr apply to --op learn only")
+    # G_learn's maps start from G_stack (fastgrow.grow_learn).
+    depth = "none" if args.op in ("width", "none") else ("stack" if learn else args.op)
     factor = args.factor
     if factor is None:  # as a run's [growth]: the paper's g unless the depth comes from elsewhere
         factor = DEFAULT_FACTOR if depth in _FACTOR_OPS and not (args.target_layers or args.spec) else 0
@@ -204,7 +237,15 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         jump_to_step=args.jump_to_step,
         seed=args.seed,
     )
-    out = grow_checkpoint(args.input, args.output, plan, device=device)
+    if learn:
+        from fastgrow.grow_learn import DEFAULT_LEARN_LR, DEFAULT_LEARN_STEPS
+        from fastgrow.grow_learn_run import learn_checkpoint
+
+        steps = DEFAULT_LEARN_STEPS if args.learn_steps is None else args.learn_steps
+        lr = DEFAULT_LEARN_LR if args.learn_lr is None else args.learn_lr
+        out = learn_checkpoint(args.input, args.output, plan, args.data, steps=steps, lr=lr, device=device)
+    else:
+        out = grow_checkpoint(args.input, args.output, plan, device=device)
     from fastgrow.checkpoint import read_meta
 
     rec = read_meta(out)["growth_history"][-1]
@@ -214,6 +255,7 @@ def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
                 "checkpoint": str(out),
                 **{k: rec[k] for k in ("op", "params_before", "params_after")},
                 "layers": len(rec["sources"]),
+                **{k: rec[k] for k in LEARN_KEYS if learn},
             },
             indent=2,
         )
@@ -248,7 +290,8 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
         "--op",
         default="stack",
         choices=(*GROWTH_OPS, "none"),
-        help="growth operator, as growth.op: a depth operator, or width (width only) (default stack)",
+        help="growth operator, as growth.op: a depth operator, width (width only) or learn (G_learn; needs "
+        "--data) (default stack)",
     )
     p.add_argument(
         "--factor",
@@ -273,5 +316,8 @@ def add_growth_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--horizon-steps", type=int, default=None, help="schedule restart: steps to decay over")
     p.add_argument("--jump-to-step", type=int, default=None, help="schedule jump: step of the target's schedule")
     p.add_argument("--seed", type=int, default=None, help="seed of random init / noise (default: run seed)")
+    p.add_argument("--data", default=None, help="op learn: the run's prepared data directory to learn on")
+    p.add_argument("--learn-steps", type=int, default=None, help="op learn: the operator's training steps (100)")
+    p.add_argument("--learn-lr", type=float, default=None, help="op learn: the operator's Adam LR (1e-2)")
     p.add_argument("--device", default="cpu", help="device to grow on: cpu, cuda, cuda:N (default cpu)")
     p.set_defaults(func=cmd_grow)

@@ -15,9 +15,11 @@ model (the loss jump a user reads, and what the tests use to check function pres
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,12 @@ class GrowthContext:
     loader: BatchLoader  # the training stream (a learning phase draws its batches here)
     evaluate: Callable[[TrainState], float]  # mean loss on the run's fixed validation batches
     device: torch.device
+    # For an operator that trains (G_learn), the trainer's facilities; None offline / in tests.
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    save: Callable[[], Path] | None = None  # checkpoint the trainer's state now (data cursor included)
+    should_stop: Callable[[int], bool] | None = None  # stop before step N? (SIGTERM, train(until_step=))
+    emit: Callable[[dict[str, Any]], None] | None = None  # write a metrics record (train / val)
+    progress: Callable[[int], None] | None = None  # advance the progress bar by N steps
 
     @property
     def growth(self) -> GrowthConfig:
@@ -48,8 +56,37 @@ def _grow_builtin(state: TrainState, ctx: GrowthContext) -> TrainState:
     return apply_growth(state, ctx.growth)
 
 
+class GrowthPaused(Exception):
+    """A handler stopped inside its event (SIGTERM, or the run's until_step reached during G_learn's
+    training). The trainer ends the run as for a stop between steps and checkpoints its state, which
+    carries the event's progress; a resume re-enters the event and continues it."""
+
+
+def _learn(state: TrainState, ctx: GrowthContext) -> TrainState:
+    from fastgrow.grow_learn_run import learn_event  # imported on use: it is the only heavy handler
+
+    return learn_event(state, ctx)
+
+
 # growth.op -> handler; ops not listed are grown by one grow() call.
-EVENT_HANDLERS: dict[str, Handler] = {}
+EVENT_HANDLERS: dict[str, Handler] = {"learn": _learn}
+# growth.op -> keys its handler adds to the growth record that the trainer's metrics line carries too.
+EVENT_RECORD_KEYS: dict[str, tuple[str, ...]] = {
+    "learn": ("learn_steps", "learn_tokens", "learn_flops", "learn_lr", "val_loss_learn_start"),
+}
+
+
+def flops_so_far(history: list[dict[str, Any]], tokens: int, flops_per_token_now: float) -> float:
+    """Training FLOPs of a run that has seen `tokens` tokens: each phase at its own size (a growth
+    record's flops_per_token_before counts the tokens before it), plus an operator's own training
+    (G_learn: learn_tokens of the record's tokens were spent training maps, at learn_flops in all)."""
+    done = 0.0
+    tokens_before = 0
+    for g in history:
+        small = g["tokens"] - g.get("learn_tokens", 0) - tokens_before
+        done += g.get("flops_per_token_before", 0.0) * small + g.get("learn_flops", 0.0)
+        tokens_before = g["tokens"]
+    return done + flops_per_token_now * (tokens - tokens_before)
 
 
 def _sync(device: torch.device) -> None:
@@ -68,5 +105,7 @@ def run_growth_event(state: TrainState, ctx: GrowthContext) -> tuple[TrainState,
     seconds = time.perf_counter() - t0
     val_after = ctx.evaluate(grown)
     info = {"stage": ctx.stage, "val_loss_before": val_before, "val_loss_after": val_after}
-    grown.growth_history[-1].update(info)
-    return grown, {**info, "grow_seconds": seconds}
+    record = grown.growth_history[-1]
+    record.update(info)
+    extra = {k: record[k] for k in EVENT_RECORD_KEYS.get(ctx.growth.op, ()) if k in record}
+    return grown, {**info, "grow_seconds": seconds, **extra}

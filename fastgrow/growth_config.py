@@ -17,7 +17,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "width")
+GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "width", "learn")
 WIDTH_OPS = ("direct", "zero", "random")
 OPTIMIZER_POLICIES = ("copy", "reset")
 SCHEDULE_POLICIES = ("continue", "rewarm", "restart", "jump")
@@ -37,6 +37,8 @@ OP_FIELDS: dict[str, frozenset[str]] = {
     "zero": frozenset({"factor", "target_layers", "spec", "noise", *WIDTH_TARGETS}),
     "random": frozenset({"factor", "target_layers", "spec", "noise", *WIDTH_TARGETS}),
     "width": frozenset(WIDTH_TARGETS),
+    # G_learn (fastgrow.grow_learn): maps initialised to G_stack (+ width direct), trained learn_steps steps.
+    "learn": frozenset({"factor", "target_layers", "learn_steps", "learn_lr", *WIDTH_TARGETS}),
 }
 SCHEDULE_FIELDS: dict[str, frozenset[str]] = {
     "continue": frozenset(),
@@ -60,7 +62,9 @@ class GrowthConfig:
         sources (required) or the placement of new blocks for zero / random.
     target_dim / target_ffn_dim / target_heads: width targets (any op); width_op: direct | zero |
         random (default direct), only with a width target.
-    optimizer: copy (carry Adam moments) | reset (a fresh AdamW).
+    learn_steps / learn_lr: op learn only, the operator's training steps (default 100) and its Adam LR
+        (default 1e-2, scaled per map by 1 / fan_in; see fastgrow.grow_learn).
+    optimizer: copy (carry Adam moments; for learn, mapped through the learned maps) | reset (a fresh AdamW).
     schedule: continue | rewarm (linear re-warm over rewarm_steps) | restart (the grown phase gets its
         own warmup and decay from the growth step: lr, min_lr, warmup_steps, horizon_steps, each
         defaulting to the run's) | jump (the schedule moves to step jump_to_step of the target's
@@ -85,6 +89,8 @@ class GrowthConfig:
     warmup_steps: int | None = None
     horizon_steps: int | None = None
     jump_to_step: int | None = None
+    learn_steps: int | None = None
+    learn_lr: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.at_tokens != 0, 'growth.at_tokens is required: the token count at which the stage grows, or "auto"')
@@ -147,6 +153,16 @@ class GrowthConfig:
             f"growth.warmup_steps ({self.warmup_steps}) must not exceed growth.horizon_steps ({h})",
         )
         _check(self.lr is None or self.lr > 0, f"growth.lr must be > 0, got {self.lr}")
+        n = self.learn_steps
+        _check(
+            n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+            f"growth.learn_steps must be an integer >= 1 (the operator's training steps), got {n!r}",
+        )
+        _check(self.learn_lr is None or self.learn_lr > 0, f"growth.learn_lr must be > 0, got {self.learn_lr}")
+        _check(
+            self.op != "learn" or self.width_op in ("", "direct"),
+            f"growth.width_op = {self.width_op!r}: op 'learn' starts its width maps from width 'direct'",
+        )
         _check(self.min_lr is None or self.min_lr >= 0, f"growth.min_lr must be >= 0, got {self.min_lr}")
         _check(
             self.lr is None or self.min_lr is None or self.min_lr <= self.lr,

@@ -59,7 +59,7 @@ def train_line(rec: dict[str, Any], total_steps: int | None = None) -> str:
     step = f"{rec['step']}/{total_steps}" if total_steps else f"{rec['step']}"
     mfu = rec.get("mfu")
     parts = [
-        f"step {step}",
+        ("G_learn " if rec.get("phase") == "learn" else "") + f"step {step}",  # the operator's training
         f"loss {_num(rec['loss'], '.4f')}",
         f"lr {_num(rec['lr'], '.2e')}",
         f"grad norm {_num(rec.get('grad_norm'), '.3f')}",
@@ -81,6 +81,8 @@ def growth_line(rec: dict[str, Any]) -> str:
         f"[growth] step {rec['step']}: {stage}{rec['op']} {rec['layers_before']}→{rec['layers_after']} layers, "
         f"{rec['params_before']:,}→{rec['params_after']:,} params, grow() {rec['grow_seconds'] * 1e3:.1f} ms"
     )
+    if rec.get("learn_steps"):  # G_learn: the event includes the operator's training
+        line += f" incl. {rec['learn_steps']} learn steps"
     if rec.get("val_loss_before") is not None and rec.get("val_loss_after") is not None:
         line += f", val_loss {rec['val_loss_before']:.4f} → {rec['val_loss_after']:.4f}"
     return line

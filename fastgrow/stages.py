@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-from fastgrow.config import ConfigError, ModelConfig, RunConfig
+from fastgrow.config import ConfigError, GrowthConfig, ModelConfig, RunConfig
 from fastgrow.grow import plan_from_config, resolve_plan
+from fastgrow.grow_learn import DEFAULT_LEARN_STEPS, resolve_learn_plan
 from fastgrow.plan import auto_growth_tokens
 
 
@@ -26,7 +27,8 @@ def stage_targets(run: RunConfig, model: ModelConfig | None = None, start: int =
     out = []
     for i in range(start, len(run.growth)):
         try:
-            cur = resolve_plan(plan_from_config(run.growth[i], cur), cur).dst
+            resolve = resolve_learn_plan if run.growth[i].op == "learn" else resolve_plan
+            cur = resolve(plan_from_config(run.growth[i], cur), cur).dst
         except ValueError as e:
             raise ConfigError(f"growth[{i}]: {e}") from None
         out.append(cur)
@@ -65,4 +67,16 @@ def check_stages(run: RunConfig, model: ModelConfig, done: int = 0) -> list[int]
                 f"the run's train.max_steps = {steps} steps of {tps:,} tokens reach at most {(steps - 1) * tps:,} "
                 f"tokens before its last step; lower at_tokens or raise train.max_steps"
             )
+        learn = learn_steps(run.growth[i])
+        if learn and at + learn >= steps:
+            raise ConfigError(
+                f"growth[{i}].learn_steps = {learn}: G_learn trains its maps for steps {at + 1}..{at + learn} and "
+                f"the grown model needs at least one step after them, but the run ends at train.max_steps = "
+                f"{steps}; lower learn_steps or at_tokens, or raise train.max_steps"
+            )
     return tokens
+
+
+def learn_steps(g: GrowthConfig) -> int:
+    """The steps a stage spends training its operator before the grown model exists (op learn), else 0."""
+    return (g.learn_steps or DEFAULT_LEARN_STEPS) if g.op == "learn" else 0

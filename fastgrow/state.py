@@ -1,7 +1,8 @@
 """TrainState: the one object that owns everything a run needs to continue.
 
-Model, optimizer (moments and step), LR schedule, step/token counters, data cursor and growth
-history. `grow()` maps a TrainState to a TrainState; checkpoints save and restore it whole.
+Model, optimizer (moments and step), LR schedule, step/token counters, data cursor, growth history
+and, while G_learn trains its maps, that phase. `grow()` maps a TrainState to a TrainState;
+checkpoints save and restore it whole.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class TrainState:
     cursor: dict[str, Any] = field(default_factory=dict)  # data loader position
     growth_history: list[dict[str, Any]] = field(default_factory=list)
     bad_steps: int = 0  # consecutive non-finite steps
+    # A growth operator's training in progress (fastgrow.grow_learn.LearnPhase over this small model);
+    # checkpoints save and restore it, the grown state has none.
+    learn: Any = None
 
     @property
     def device(self) -> torch.device:

@@ -357,7 +357,9 @@ def _throughput(recs: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     growth)."""
     grows = [r["step"] for r in recs if r.get("kind") == "growth"]
     first, last = (grows[0], grows[-1]) if grows else (None, None)
-    train = [r for r in recs if r.get("kind") == "train" and r.get("tokens_per_s") is not None]
+    train = [
+        r for r in recs if r.get("kind") == "train" and r.get("tokens_per_s") is not None and r.get("phase") != "learn"
+    ]
     before = [r["tokens_per_s"] for r in train if first is not None and r["step"] <= first]
     after = [r["tokens_per_s"] for r in train if last is None or r["step"] > last]
 
@@ -378,6 +380,10 @@ def _describe_growth(g: dict[str, Any]) -> tuple[str, str]:
     if g.get("factor"):
         op += f" x{g['factor']}"
     op += (f" `{g['spec']}`" if g.get("spec") else "") + (f" noise {g['noise']:g}" if g.get("noise") else "")
+    if g["op"] == "learn":
+        from fastgrow.grow_learn import DEFAULT_LEARN_STEPS
+
+        op += f" ({g.get('learn_steps') or DEFAULT_LEARN_STEPS} learn steps)"
     if g["schedule"] == "rewarm":
         return op, f"rewarm {g['rewarm_steps']}"
     extras = [

@@ -3,7 +3,7 @@
 See fastgrow/study.py for the method. A variant is one run: `scratch` (the target from scratch, the
 reference), `target` (the target from scratch with the variant's own schedule, e.g. WSD), `base` (the
 base model alone for the whole budget, a control), a growth op (stack, interpolate, partial, sources,
-zero, random: one growth of the base into the target), or `stages` (several growths, given as
+zero, random, learn: one growth of the base into the target), or `stages` (several growths, given as
 `[[variant.stage]]` tables). Each growth's schedule policy and per-phase settings are the run config's
 (fastgrow.growth_config), so a variant can be, e.g., prts's exact recipe (fresh AdamW, new peak LR,
 warmup and cosine for the grown model) or Bu et al.'s 1-layer base grown late under WSD.
@@ -16,7 +16,9 @@ small phase costs less), or a token count. It is rounded up to whole steps.
 
 Equal FLOPs: the scratch run's budget B = max_steps * tokens_per_step * f_target; a grown run trains
 each phase at its own model's FLOPs per token f (`fastgrow.model.flops_per_token`, with attention) and
-as many final-phase steps as bring its total closest to B.
+as many final-phase steps as bring its total closest to B. A G_learn growth's learn steps are a phase
+of their own, right after its growth step, at `learn_flops_per_step` (the grown model's step plus the
+maps' expansion, fastgrow.grow_learn).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ SCRATCH = "scratch"
 TARGET = "target"  # the target from scratch with the variant's own schedule (not the reference)
 BASE = "base"  # a control: the base model trained alone for the whole budget, never grown
 STAGES = "stages"  # several growths, from [[variant.stage]] tables
-GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random")
+GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "learn")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # Growth fields a variant (or a stage) passes to its GrowthConfig, besides op.
 _GROWTH_KEYS = (
@@ -54,13 +56,15 @@ _GROWTH_KEYS = (
     "warmup_steps",
     "horizon_steps",
     "jump_to_step",
+    "learn_steps",
+    "learn_lr",
 )
 _STAGE_KEYS = {f.name for f in dataclasses.fields(GrowthConfig)} - {"at_tokens"} | {"timing"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One run of a study (module doc). timing and the growth fields (spec ... jump_to_step, as in
+    """One run of a study (module doc). timing and the growth fields (spec ... learn_lr, as in
     [growth]) describe a one-growth variant; `stage` the growths of op "stages" (each a table of timing
     and [growth] fields). rewarm_steps 0 with schedule "rewarm": the run's train.warmup_steps.
     base_layers: the base's depth (default: target layers / study factor); 0 and 1 are allowed (Bu et
@@ -80,6 +84,8 @@ class Variant:
     warmup_steps: int | None = None
     horizon_steps: int | None = None
     jump_to_step: int | None = None
+    learn_steps: int | None = None  # op learn: the operator's training steps (None: G_learn's default)
+    learn_lr: float | None = None  # op learn: its LR (None: G_learn's default)
     base_layers: int | None = None
     lr_schedule: str = ""
     decay_fraction: float | None = None
@@ -428,8 +434,9 @@ def _stage_fields(study: StudyConfig, fields: dict[str, Any], one_growth: bool) 
 
 def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
     """Every run's RunConfig: scratch first, then the variants in file order (validates everything)."""
+    from fastgrow.grow_learn import learn_flops_per_step
     from fastgrow.model import flops_per_token
-    from fastgrow.stages import stage_targets
+    from fastgrow.stages import learn_steps, stage_targets
 
     out = Path(out_dir)
     t = study.target
@@ -487,7 +494,17 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
         if any(b <= a for a, b in zip(ats, ats[1:])):
             raise ConfigError(f"variant {v.name}: its stages' timings must grow strictly, got tokens {ats}")
         ks = [a // tps for a in ats]
-        phases = [(k - prev, f) for k, prev, f in zip(ks, [0, *ks[:-1]], f_phase)]
+        # Phases before the final one: each model from its growth step (after its learn steps, for G_learn)
+        # to the next growth, and G_learn's learn steps at their own cost per token.
+        phases, done = [], 0
+        for i, (k, f) in enumerate(zip(ks, f_phase)):
+            phases.append((k - done, f))
+            done = k
+            n_learn = learn_steps(GrowthConfig(at_tokens=1, **fields[i]))
+            if n_learn:
+                learn_step = learn_flops_per_step([base, *chain][i], chain[i], seq, tps)
+                phases.append((n_learn, learn_step / tps))
+                done += n_learn
         try:
             steps = equal_flops_steps_phases(budget, phases, f_phase[-1], tps)
         except ValueError as e:
@@ -498,6 +515,6 @@ def plan_study(study: StudyConfig, out_dir: str | Path) -> list[PlannedRun]:
             train=_train_overrides(v, t.train, run_dir, steps),
             growth=tuple(GrowthConfig(at_tokens=a, **f) for a, f in zip(ats, fields)),
         )
-        flops = sum(n * tps * f for n, f in phases) + (steps - ks[-1]) * tps * f_phase[-1]
+        flops = sum(n * tps * f for n, f in phases) + (steps - done) * tps * f_phase[-1]
         runs.append(PlannedRun(v, cfg, run_dir, ats[0], ks[0], steps, flops, budget, tuple(ks)))
     return runs

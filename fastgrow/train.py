@@ -28,7 +28,7 @@ from fastgrow import distributed
 from fastgrow.checkpoint import clean_leftovers, latest_checkpoint, load_checkpoint, save_checkpoint, step_dirs
 from fastgrow.config import ConfigError, RunConfig
 from fastgrow.errors import option_error
-from fastgrow.grow_event import GrowthContext, run_growth_event
+from fastgrow.grow_event import GrowthContext, GrowthPaused, flops_so_far, run_growth_event
 from fastgrow.interrupts import StopSignals
 from fastgrow.loader import BatchLoader, TokenData, batch_split, shard_val_batches
 from fastgrow.metrics import MetricsLog, mfu, peak_flops
@@ -203,6 +203,15 @@ def _open_run(cfg: RunConfig, ctx: distributed.DistContext, echo: bool) -> Token
 def _runner(cfg: RunConfig, ctx: distributed.DistContext, state: TrainState, data: TokenData, echo, until_step):
     # Every stage not yet done, checked against the live model now, not at its event.
     growth_at = check_stages(cfg, state.model.cfg, done=len(state.growth_history))
+    if ctx.enabled:
+        for i in range(len(state.growth_history), len(cfg.growth)):
+            if cfg.growth[i].op == "learn":
+                # Its learning phase reads whole batches on every rank and stops on a local signal: not yet
+                # made collective, so refused rather than run redundantly or hang on a one-rank signal.
+                raise ConfigError(
+                    f'growth[{i}].op = "learn" does not run under torchrun yet; grow offline '
+                    "with `fastgrow grow --op learn --data DIR` and resume the grown checkpoint"
+                )
     tcfg = cfg.train
     out_dir = Path(tcfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,9 +353,15 @@ class _Runner:
                 while self.state.step < self.stop:
                     due = _due_stage(self.state, self.growth_at)
                     if due is not None:
-                        while due is not None:  # stages whose token counts fall within one step
-                            self._grow(log, due)
-                            due = _due_stage(self.state, self.growth_at)
+                        try:
+                            while due is not None:  # stages whose token counts fall within one step
+                                self._grow(log, due)
+                                due = _due_stage(self.state, self.growth_at)
+                        except GrowthPaused:  # stopped inside G_learn's training: checkpointed below
+                            consec_bad.fill_(float(self.state.bad_steps))
+                            stop_by = stop_signal.signum
+                            interrupted = stop_by is not None
+                            break
                         window_loss.zero_()
                         window_bad.zero_()
                         window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
@@ -443,13 +458,7 @@ class _Runner:
 
     def _flops_so_far(self) -> float:
         """Training FLOPs spent so far, counting each phase (before/after growth) at its own size."""
-        state = self.state
-        done = 0.0
-        tokens_before = 0
-        for g in state.growth_history:
-            done += g.get("flops_per_token_before", 0.0) * (g["tokens"] - tokens_before)
-            tokens_before = g["tokens"]
-        return done + self.flops_tok * (state.tokens - tokens_before)
+        return flops_so_far(self.state.growth_history, self.state.tokens, self.flops_tok)
 
     def _emit(self, log: MetricsLog, rec: dict[str, Any]) -> None:
         self.records.append(rec)
@@ -513,6 +522,11 @@ class _Runner:
             loader=self.loader,
             evaluate=self._val_loss,
             device=self.device,
+            autocast=lambda: _autocast(self.cfg, self.device),
+            save=lambda: self._save(torch.full((), float(self.state.bad_steps))),
+            should_stop=lambda step: step >= self.stop or self.stop_signal.hit,
+            emit=lambda r: self._emit(log, r),
+            progress=self.report.step,
         )
         self.state, event = run_growth_event(before, ctx)
         self._setup_model()
@@ -533,4 +547,5 @@ class _Runner:
             "tokens_per_s_before": tps_before,
             "mfu_before": mfu(flops_tok_before, tps_before, self.peak) if tps_before else None,
         }
+        rec.update({k: v for k, v in event.items() if k not in rec})  # an operator's own keys (G_learn's)
         self._emit(log, rec)

@@ -52,7 +52,7 @@ def grow_checkpoint(
     with caller_rng_kept():
         # restore_rng: the process RNG becomes the checkpoint's, so save_checkpoint writes it back out.
         state = load_checkpoint(src, device, restore_rng=True)
-        grown = grow(state, plan)
+        grown = grow(state, plan, consume=True)  # the loaded state is dropped
         grown.growth_history[-1].update(val_loss_before=None, val_loss_after=None)  # no data offline
         return save_grown(grown, src, out, keep)
 

@@ -53,7 +53,7 @@ Handler = Callable[[TrainState, GrowthContext], TrainState]
 
 
 def _grow_builtin(state: TrainState, ctx: GrowthContext) -> TrainState:
-    return apply_growth(state, ctx.growth)
+    return apply_growth(state, ctx.growth, consume=True)  # the trainer drops the old state
 
 
 class GrowthPaused(Exception):
@@ -96,16 +96,20 @@ def _sync(device: torch.device) -> None:
 
 def run_growth_event(state: TrainState, ctx: GrowthContext) -> tuple[TrainState, dict[str, Any]]:
     """Grow `state` by stage ctx.stage; return the grown state and the event's measurements
-    (grow_seconds: the growth itself, without the two evaluations; val_loss_before/after)."""
+    (grow_seconds: the growth itself, without the two evaluations; val_seconds: the two evaluations;
+    val_loss_before/after). The trainer's built-in operators consume `state` (grow(consume=True)):
+    it must not be used after this call."""
+    t0 = time.perf_counter()
     val_before = ctx.evaluate(state)
     _sync(ctx.device)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     grown = EVENT_HANDLERS.get(ctx.growth.op, _grow_builtin)(state, ctx)
     _sync(ctx.device)
-    seconds = time.perf_counter() - t0
+    t2 = time.perf_counter()
     val_after = ctx.evaluate(grown)
+    val_seconds = (t1 - t0) + (time.perf_counter() - t2)
     info = {"stage": ctx.stage, "val_loss_before": val_before, "val_loss_after": val_after}
     record = grown.growth_history[-1]
     record.update(info)
     extra = {k: record[k] for k in EVENT_RECORD_KEYS.get(ctx.growth.op, ()) if k in record}
-    return grown, {**info, "grow_seconds": seconds, **extra}
+    return grown, {**info, "grow_seconds": t2 - t1, "val_seconds": val_seconds, **extra}

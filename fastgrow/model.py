@@ -135,14 +135,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """rope: the (cos, sin) tables to register as they are, instead of computing them (growth hands
+        over the old model's: the head dim, max_seq_len and theta never change)."""
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm = kernels.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope if rope is not None else rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -182,6 +184,12 @@ class Transformer(nn.Module):
         pending = None
         for layer in self.layers:
             x, pending = layer(x, cos, sin, pending)
+        return self.head(x, pending, targets)
+
+    def head(self, x: torch.Tensor, pending: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor:
+        """The last block's output stream x + pending (pending None: no layers) through the final norm
+        and the output layer: logits, or the mean cross-entropy against targets. A method of its own so
+        that it compiles as one region (fastgrow.regional)."""
         impl, eps = _kernel_impl(self.cfg, x), self.cfg.norm_eps
         if pending is None:  # no layers
             x = kernels.rms_norm(x, self.norm.weight, eps, impl=impl)

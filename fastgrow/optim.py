@@ -21,9 +21,12 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, named: list[tuple[str, torch.Tensor]] | None = None
+) -> list[dict]:
+    """named: the model's named_parameters() when the caller has them already (grow())."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters() if named is None else named:
         if p.requires_grad:
             (decay if decays(name, p) else no_decay).append(p)
     return [
@@ -32,15 +35,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, named: list[tuple[str, torch.Tensor]] | None = None
+) -> torch.optim.AdamW:
     """AdamW over `model` (torch's fused implementation on CUDA, the single-tensor one on CPU).
 
-    The CPU path uses foreach=False so results are bitwise reproducible across processes.
+    The CPU path uses foreach=False so results are bitwise reproducible across processes. named: as
+    for param_groups.
     """
     on_cuda = next(model.parameters()).is_cuda
     kwargs = {"fused": True} if on_cuda else {"foreach": False}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, named),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

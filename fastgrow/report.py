@@ -75,6 +75,10 @@ def val_line(rec: dict[str, Any]) -> str:
     return f"[val] step {rec['step']}: val_loss {_num(rec['val_loss'], '.4f')}"
 
 
+def _seconds(s: float) -> str:
+    return f"{s * 1e3:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
 def growth_line(rec: dict[str, Any]) -> str:
     stage = f"growth[{rec['stage']}] " if "stage" in rec else ""
     line = (
@@ -83,6 +87,8 @@ def growth_line(rec: dict[str, Any]) -> str:
     )
     if rec.get("learn_steps"):  # G_learn: the event includes the operator's training
         line += f" incl. {rec['learn_steps']} learn steps"
+    if rec.get("stall_seconds") is not None:  # growth to the end of the next step, evaluations included
+        line += f", stall {_seconds(rec['stall_seconds'])}"
     if rec.get("val_loss_before") is not None and rec.get("val_loss_after") is not None:
         line += f", val_loss {rec['val_loss_before']:.4f} → {rec['val_loss_after']:.4f}"
     return line
@@ -243,6 +249,7 @@ SCALAR_TAGS: dict[str, dict[str, str]] = {
         "layers_after": "growth/layers",
         "params_after": "growth/params",
         "grow_seconds": "growth/grow_seconds",
+        "stall_seconds": "growth/stall_seconds",
     },
 }
 

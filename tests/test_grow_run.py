@@ -37,11 +37,11 @@ def train(cfg, **kw):
     real = event_mod.apply_growth
     calls = []
 
-    def counted(state, growth_cfg):
+    def counted(state, growth_cfg, **kw):
         calls.append(state.step)
         if len(calls) > len(cfg.growth):
             raise _GrewTwice(f"apply_growth called again at step(s) {calls}")
-        return real(state, growth_cfg)
+        return real(state, growth_cfg, **kw)
 
     event_mod.apply_growth = counted
     try:

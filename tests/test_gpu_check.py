@@ -46,7 +46,8 @@ def test_dry_run_runs_every_tier_and_returns_few_files(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary
     for goal in ("rms_norm fwd vs copy", "swiglu fwd+bwd vs copy", "vs SDPA default", "410M train step MFU",
-                 "grow() time vs copy floor", "tokens/s after growth"):  # fmt: skip
+                 "grow() time vs copy floor", "grow() time vs allocate + _foreach_copy_", "grow() peak memory",
+                 "grow() host overhead", "tokens/s after growth"):  # fmt: skip
         assert goal in summary, goal
     assert not list(tmp_path.glob("gpu_check.*")), "the work folder was not removed"
 
@@ -87,7 +88,9 @@ def test_summary_verdicts(tmp_path):
             {"model": "plain", "compiled": True, "tokens_per_s": 200000.0, "mfu": 0.5},
         ],
     )
-    _write(tmp_path, "growth", [{"kind": "grow_time", "grow_vs_floor": 1.1, "grow_s": 0.05}])
+    grow_time = {"kind": "grow_time", "grow_vs_floor": 1.1, "grow_s": 0.05, "grow_vs_alloc_copy": 1.4}
+    grow_time.update(alloc_copy_s=0.036, peak_extra_bytes=1.05e9, bytes_copied=1e9, peak_extra_copy_all_bytes=2.1e9)
+    _write(tmp_path, "growth", [grow_time, {"kind": "grow_host", "host_ms": 2.5}])
     v = {x.goal: x for x in gpu_summary.evaluate(tmp_path)}
     assert v["rms_norm fwd vs copy bandwidth"].status == "FAIL"  # the worst shape (92.5%) decides
     assert "92%" in v["rms_norm fwd vs copy bandwidth"].measured
@@ -99,9 +102,13 @@ def test_summary_verdicts(tmp_path):
     assert v["410M train step MFU"].status == "PASS"  # the faster variant (compiled, 57.5%)
     assert v["410M tokens/s vs plain PyTorch + compile"].status == "FAIL"  # 1.15x < 1.3x
     assert v["grow() time vs copy floor"].status == "PASS"
+    assert v["grow() time vs allocate + _foreach_copy_"].status == "FAIL"  # 1.4x > 1.3x
+    peak = v["grow() peak memory over its input vs the bytes it copies"]
+    assert peak.status == "PASS" and peak.measured.startswith("1.05x")
+    assert v["grow() host overhead, 6 -> 24 layers"].status == "PASS"
     assert v["tokens/s after growth vs from scratch"].status == "PENDING"
     text = gpu_summary.render(tmp_path)
-    assert "goals: 4 pass, 3 fail" in text and "DRY RUN" not in text
+    assert "goals: 6 pass, 4 fail" in text and "DRY RUN" not in text
 
 
 def test_summary_of_an_empty_run_is_all_pending(tmp_path):

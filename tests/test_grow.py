@@ -473,11 +473,16 @@ def test_grow_on_gpu_has_no_host_sync():
         kernel_impl="ref",
         attn_backend="sdpa",
     )
-    st = build_state(cfg, device="cuda")
     tok = batch(512, 0).cuda()
-    for _ in range(2):
-        train_step(st, tok)
-    torch.cuda.synchronize()
+
+    def stepped():
+        st = build_state(cfg, device="cuda")
+        for _ in range(2):
+            train_step(st, tok)
+        torch.cuda.synchronize()
+        return st
+
+    st = stepped()
     plans = [
         GrowPlan("stack", factor=4),
         GrowPlan("zero", factor=2, noise=0.2),
@@ -498,6 +503,12 @@ def test_grow_on_gpu_has_no_host_sync():
         names = [e.name for e in prof.events()]
         bad = [n for n in names if "DtoH" in n or "Memcpy DtoH" in n or "cudaStreamSynchronize" in n]
         assert not bad, bad
+        src = stepped()  # the trainer's path: the input's tensors taken over
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            grow(src, plan, consume=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
         assert g.model.layers[0].attn.wqkv.weight.is_cuda
         assert all(s["step"].is_cuda for s in g.optimizer.state.values())  # fused AdamW keeps step on device
         train_step(g, tok)

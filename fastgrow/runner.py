@@ -164,6 +164,7 @@ class Runner(RunnerGrowth):
                                 self.grow_stage(log, due)
                                 due = due_stage(self.state, self.growth_at)
                         except GrowthPaused:  # stopped inside G_learn's training: checkpointed below
+                            self.growth_step_done(log, stepped=False)  # an earlier stage of this step
                             consec_bad.fill_(float(self.state.bad_steps))
                             stop_by = stop_signal.signum
                             interrupted = stop_by is not None

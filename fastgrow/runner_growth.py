@@ -7,7 +7,9 @@ itself sees), grow() (`grow_seconds`), G_learn's training of its maps, the re-se
 any compilation of the first step. The end of the last step is taken after a device synchronisation
 at the start of the event (its logging, and an evaluation or checkpoint due at that step, are the
 run's, not the growth's), the end of the first step after another one. Growths due at the same step
-share one stall (each of their records carries it).
+share one stall (each of their records carries it). A run that stops between the growth and that step
+(only possible when a later stage at the same step pauses inside G_learn's training) writes the held
+records before its checkpoint, with stall_seconds None.
 
 So a growth record can only be written one step after the growth: it is held until the first step
 after it has finished and written right after that step, before the step's own train record and
@@ -86,12 +88,15 @@ class RunnerGrowth:
         rec.update({k: v for k, v in event.items() if k not in rec})  # an operator's own keys (G_learn's)
         self.pending_growth.append(rec)
 
-    def growth_step_done(self, log: MetricsLog) -> None:
-        """After the first step after growth: the stall is known, write the held growth records."""
+    def growth_step_done(self, log: MetricsLog, stepped: bool = True) -> None:
+        """After the first step after growth: the stall is known, write the held growth records.
+        stepped=False: the run stops before that step (a later stage of the same step paused in G_learn's
+        training, and the state is checkpointed now): the records are written with stall_seconds None,
+        so the checkpoint counts them."""
         if not self.pending_growth:
             return
         sync(self.device)
-        stall = time.perf_counter() - self.stall_start
+        stall = time.perf_counter() - self.stall_start if stepped else None
         for rec in self.pending_growth:
             rec["stall_seconds"] = stall
             self._emit(log, rec)

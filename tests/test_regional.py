@@ -122,3 +122,40 @@ def test_a_crash_in_the_first_step_after_growth_loses_no_record(data_dir, tmp_pa
     assert growth_records(out) == []
     res = train(dataclasses.replace(cfg), resume=True, echo=False)
     assert res.state.step == 7 and len(growth_records(out)) == 1
+
+
+def test_a_stage_held_when_a_later_stage_pauses_in_g_learn_is_logged_before_the_checkpoint(data_dir, tmp_path):
+    """Two stages at one step, stack then G_learn, SIGTERM during G_learn's training: the stack's record
+    (held for the next step's end) is written before the checkpoint, with stall_seconds None, and the
+    resume writes only G_learn's."""
+    import os
+    import signal
+
+    from fastgrow.grow_learn import LearnPhase
+
+    stages = (
+        GrowthConfig(at_tokens=70, op="stack", factor=2),  # both due after step 3 (96 tokens)
+        GrowthConfig(at_tokens=96, op="learn", factor=2, learn_steps=3, learn_lr=3e-2),
+    )
+    out = tmp_path / "two"
+    cfg = stream_run(data_dir, out, stages, train={"max_steps": 8, "log_every": 1, "ckpt_every": 0})
+    real = LearnPhase.train_step
+
+    def step_then_sigterm(self, *a, **kw):
+        res = real(self, *a, **kw)
+        if self.done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return res
+
+    LearnPhase.train_step = step_then_sigterm
+    try:
+        first = train(cfg, echo=False)
+    finally:
+        LearnPhase.train_step = real
+    assert first.interrupted and first.state.learn is not None
+    (held,) = growth_records(out)
+    assert held["op"] == "stack" and held["stall_seconds"] is None
+    assert ", stall" not in growth_line(held)
+    train(cfg, resume=True, echo=False)
+    recs = growth_records(out)
+    assert [r["op"] for r in recs] == ["stack", "learn"] and recs[1]["stall_seconds"] > 0

@@ -44,16 +44,11 @@ def learn_event(state: TrainState, ctx: GrowthContext) -> TrainState:
     return run_learn(state, ctx, plan, g.learn_steps or DEFAULT_LEARN_STEPS, g.learn_lr or DEFAULT_LEARN_LR)
 
 
-def _tokens_per_step(state: TrainState) -> int:
-    d, t = state.config.data, state.config.train
-    return d.batch_size * d.seq_len * t.grad_accum
-
-
 def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int, lr: float) -> TrainState:
     """Train G_learn's maps on ctx.loader (continuing `state.learn` if the state carries one) and return
     the grown state. `state` (the small model's) is advanced in place: step, tokens, bad_steps, learn."""
     tcfg = state.config.train
-    tps = _tokens_per_step(state)
+    tps = state.config.tokens_per_step
     phase: LearnPhase | None = state.learn
     if phase is None:
         phase = LearnPhase(state, plan, steps=steps, lr=lr)

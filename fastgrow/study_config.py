@@ -26,17 +26,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastgrow.config import SCHEDULES, ConfigError, GrowthConfig, ModelConfig, RunConfig, parse_count, preset
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from fastgrow.config_files import read_toml, set_keys
 
 SCRATCH = "scratch"
 TARGET = "target"  # the target from scratch with the variant's own schedule (not the reference)
@@ -215,8 +210,7 @@ class StudyConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.target
-        return t.data.batch_size * t.data.seq_len * t.train.grad_accum
+        return self.target.tokens_per_step
 
     @property
     def budget_tokens(self) -> int:
@@ -232,12 +226,7 @@ def load_study(path: str | Path) -> StudyConfig:
     the target run's `[model]`, `[data]`, `[train]` (and optional top-level `preset`), and `[[variant]]`
     tables (Variant's fields; `[[variant.stage]]` tables for op "stages")."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"study config not found: {p}")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    raw = read_toml(p, "study config")
     study = raw.pop("study", {})
     variants = raw.pop("variant", [])
     if not isinstance(study, dict):
@@ -254,10 +243,7 @@ def load_study(path: str | Path) -> StudyConfig:
             raise ConfigError(
                 f"{p}: unknown or malformed section [{section}] (known: study, variant, model, data, train)"
             )
-        for k, v in values.items():
-            if k not in d[section]:
-                raise ConfigError(f"{p}: unknown key {k!r} in [{section}] (known: {sorted(d[section])})")
-            d[section][k] = v
+        set_keys(p, d, section, values)
     target = RunConfig.from_dict(d)
     parsed = []
     for i, v in enumerate(variants):
@@ -402,10 +388,7 @@ class PlannedRun:
             "growth_step": self.growth_step,
             "growth_steps": list(self.growth_steps),
             "max_steps": self.max_steps,
-            "tokens": self.max_steps
-            * self.config.data.batch_size
-            * self.config.data.seq_len
-            * self.config.train.grad_accum,
+            "tokens": self.max_steps * self.config.tokens_per_step,
             "planned_flops": self.planned_flops,
             "budget_flops": self.budget_flops,
             "config": self.config.to_dict(),

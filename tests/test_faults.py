@@ -11,7 +11,7 @@ from conftest import tiny_run_config
 from test_train import REPO, run_cli, write_toml
 
 from fastgrow.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-from fastgrow.config import apply_overrides
+from fastgrow.config_files import apply_overrides
 from fastgrow.interrupts import StopSignals
 from fastgrow.metrics import read_metrics
 from fastgrow.train import TrainingAborted, train

@@ -228,7 +228,7 @@ rewarm_steps = 2
 
 
 def two_stage_cfg(data_dir, out_dir, tmp_path) -> RunConfig:
-    from fastgrow.config import load_toml
+    from fastgrow.config_files import load_toml
 
     f = tmp_path / "stages.toml"
     f.write_text(TWO_STAGES)

@@ -214,7 +214,7 @@ def test_device_side_skip_path_aborts_on_a_bad_run_between_log_steps(tiny_data, 
 
 
 def test_a_bad_growth_plan_fails_at_start_not_at_the_event(tiny_data, tmp_path):
-    from fastgrow.config import apply_overrides
+    from fastgrow.config_files import apply_overrides
 
     cfg = tiny_run_config(tiny_data, tmp_path / "g")
     cfg = apply_overrides(cfg, ["--growth.at_tokens=500", "--growth.op=partial", "--growth.spec=12-3x"])
@@ -224,7 +224,7 @@ def test_a_bad_growth_plan_fails_at_start_not_at_the_event(tiny_data, tmp_path):
 
 
 def test_auto_growth_timing_pins_max_steps_until_the_run_has_grown(tiny_data, tmp_path):
-    from fastgrow.config import apply_overrides
+    from fastgrow.config_files import apply_overrides
 
     cfg = apply_overrides(tiny_run_config(tiny_data, tmp_path / "a"), ["--growth.at_tokens=auto"])
     train(cfg, echo=False, until_step=1)

@@ -182,7 +182,8 @@ def test_bad_learn_settings_are_one_clear_error(tokens, tmp_path, growth, err):
 
 
 def test_study_learn_variant_budget_counts_the_learn_steps(tmp_path):
-    from fastgrow.study_config import equal_flops_steps_phases, load_study, plan_study
+    from fastgrow.study_config import load_study
+    from fastgrow.study_plan import equal_flops_steps_phases, plan_study
 
     study = load_study(os.path.join(os.path.dirname(__file__), "..", "tools", "study", "cpu.toml"))
     runs = {r.variant.name: r for r in plan_study(study, tmp_path)}

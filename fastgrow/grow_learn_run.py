@@ -199,11 +199,10 @@ def learn_checkpoint(
         cfg = state.config
         LearnPhase(state, plan, steps=steps, lr=lr)  # validates the plan and settings before reading data
         data = TokenData.open(data_dir)
-        kw = {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction}
-        loader = BatchLoader(data, split="train", seed=cfg.train.seed, **kw)
+        loader = BatchLoader.for_run(data, cfg, "train")
         if state.cursor:
             loader.load_state_dict(state.cursor)
-        val = BatchLoader(data, split="val", seed=cfg.train.seed, **kw).val_batches(cfg.train.eval_batches)
+        val = BatchLoader.for_run(data, cfg, "val").val_batches(cfg.train.eval_batches)
         from fastgrow.train import _autocast, evaluate
 
         dev = state.device

@@ -27,7 +27,6 @@ Within one (batch, head) slice, offsets are 32-bit (seq * stride_seq < 2**31); b
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -37,6 +36,7 @@ from ._common import (
     cdiv,
     check_float,
     check_same_device,
+    device_guard,
     interpreter_enabled,
     persistent_programs,
     use_triton,
@@ -169,12 +169,6 @@ def _bwd(
     return _launch_dq(c, *args), dk, dv
 
 
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensors' one (e.g. cuda:1 in a process
-    # whose current device is cuda:0).
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # Under torch.compile the launchers run as torch custom ops, so the compiler sees one opaque op with a
 # known output shape (the fake implementations) instead of tracing into Triton launch code, which would
 # break the graph at every attention call. Eager calls skip the op dispatch (~30 us a call measured on
@@ -183,7 +177,7 @@ def _on_device(t: torch.Tensor):
 def _fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with _on_device(q):
+    with device_guard(q):
         return _fwd(q, k, v, causal, scale)
 
 
@@ -205,7 +199,7 @@ def _bwd_op(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(q):
+    with device_guard(q):
         return _bwd(do, dlse, q, k, v, out, lse, causal, scale)
 
 
@@ -224,7 +218,7 @@ class _TritonAttention(torch.autograd.Function):
         if torch.compiler.is_compiling():
             out, lse = _fwd_op(q, k, v, causal, scale)
         else:
-            with _on_device(q):
+            with device_guard(q):
                 out, lse = _fwd(q, k, v, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal = causal
@@ -245,7 +239,7 @@ class _TritonAttention(torch.autograd.Function):
         if torch.compiler.is_compiling():
             dq, dk, dv = _bwd_op(do, dlse, q, k, v, out, lse, ctx.causal, ctx.scale)
         else:
-            with _on_device(q):
+            with device_guard(q):
                 dq, dk, dv = _bwd(do, dlse, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 

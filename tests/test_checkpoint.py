@@ -203,8 +203,8 @@ def test_old_manifests_without_layout_stay_readable(tmp_path):
 
 
 def test_resume_never_falls_back_silently(tiny_data, tmp_path):
+    from cli_helpers import run_cli, write_toml
     from conftest import tiny_run_config
-    from test_train import run_cli, write_toml
 
     from fastgrow.train import train
 

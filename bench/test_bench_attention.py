@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
 
 import pytest
 import torch
 import triton
+from fastgrow.kernels import attention_configs
 from fastgrow.kernels._common import interpreter_enabled
 from fastgrow.kernels.attention import attention
 from kernel_harness import QUICK, emit, measure
@@ -175,7 +175,7 @@ def test_attention_model_shapes(benchmark, model, backend, which):
 
 
 # Launch-config sweep for the Triton kernels (GPU only): times configs one by one at seq 4096, so the
-# candidate tables in kernels/attention.py can be re-chosen from measurements. (block_m, block_n, warps, stages)
+# candidate tables in kernels/attention_configs.py can be re-chosen from measurements. (block_m, block_n, warps, stages)
 SWEEP = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
@@ -186,7 +186,7 @@ SWEEP = {
 }
 # ... plus every candidate of the launchers' tuning tables.
 for (_kern, _d), _cfgs in SWEEP.items():
-    _cands = getattr(importlib.import_module("fastgrow.kernels.attention").GPU_CANDIDATES[(False, _d <= 64)], _kern)
+    _cands = getattr(attention_configs.GPU_CANDIDATES[(False, _d <= 64)], _kern)
     _cfgs += [c for c in ((x.block_m, x.block_n, x.num_warps, x.num_stages) for x in _cands) if c not in _cfgs]
 SWEEP_CASES = [(kern, d, cfg) for (kern, d), cfgs in SWEEP.items() for cfg in cfgs]
 
@@ -196,12 +196,11 @@ SWEEP_CASES = [(kern, d, cfg) for (kern, d), cfgs in SWEEP.items() for cfg in cf
     "kern,d,cfg", SWEEP_CASES, ids=[f"{k}-d{d}-{'x'.join(map(str, c))}" for k, d, c in SWEEP_CASES]
 )
 def test_attention_config_sweep(benchmark, monkeypatch, kern, d, cfg):
-    attn_mod = importlib.import_module("fastgrow.kernels.attention")
     key = (False, d <= 64)
-    table = dict(attn_mod.GPU_CANDIDATES)
+    table = dict(attention_configs.GPU_CANDIDATES)
     # One candidate: the launcher runs exactly this config (no tuning).
-    table[key] = dataclasses.replace(table[key], **{kern: (attn_mod._Cfg(*cfg),)})
-    monkeypatch.setattr(attn_mod, "GPU_CANDIDATES", table)
+    table[key] = dataclasses.replace(table[key], **{kern: (attention_configs._Cfg(*cfg),)})
+    monkeypatch.setattr(attention_configs, "GPU_CANDIDATES", table)
     seq = 4096
     h, b = HIDDEN // d, TOKENS // seq
     which = "fwd" if kern == "fwd" else "bwd"

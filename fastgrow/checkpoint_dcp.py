@@ -35,6 +35,8 @@ import torch
 
 from fastgrow.checkpoint import (
     CheckpointError,
+    check_listing,
+    checkpoint_dir,
     checkpoint_layout,
     checkpoint_model_config,
     commit_checkpoint,
@@ -99,10 +101,8 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    if keep < 2:
-        raise ValueError(f"keep must be >= 2 so a crash during a write leaves a good checkpoint, got {keep}")
-    run = Path(run_dir)
-    final = run / f"step-{state.step:08d}"
+    final = checkpoint_dir(run_dir, state.step, keep)
+    run = final.parent
 
     def begin() -> str | None:
         if not ctx.is_main:
@@ -175,26 +175,12 @@ def _hash_own_files(tmp: Path, rank: int) -> dict[str, dict[str, Any]]:
 # --- verify ------------------------------------------------------------------------------------------------
 
 
-def check_listing(ckpt: Path, manifest: dict[str, Any]) -> None:
-    """Every file a DCP load may read (state.json, everything under dcp/) must be in the manifest."""
-    listed = set(manifest.get("files", {}))
-    needed = ["state.json"]
-    d = ckpt / DCP_DIR
-    if not (d / ".metadata").is_file():
-        raise CheckpointError(f"{d / '.metadata'}: missing (the sharded checkpoint is incomplete)")
-    needed += [f"{DCP_DIR}/{f.name}" for f in sorted(d.iterdir()) if f.is_file()]
-    unlisted = [n for n in needed if n not in listed]
-    if unlisted:
-        raise CheckpointError(f"{ckpt}: {', '.join(unlisted)} not listed in the manifest (the checkpoint is corrupt)")
-
-
 def verify_sharded(ckpt: Path, ctx: DistContext) -> dict[str, Any]:
     """verify_checkpoint, with the hashing spread over the ranks (rank r checks files r, r + W, ...)."""
     manifest = read_manifest(ckpt)
 
     def mine() -> None:
-        if checkpoint_layout(manifest) == LAYOUT:
-            check_listing(ckpt, manifest)
+        check_listing(ckpt, manifest)
         for i, (name, info) in enumerate(sorted(manifest.get("files", {}).items())):
             if i % ctx.world_size == ctx.rank:
                 verify_file(ckpt, name, info)

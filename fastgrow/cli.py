@@ -28,12 +28,11 @@ from fastgrow.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    apply_overrides,
-    load_toml,
     parse_count,
     preset,
     preset_names,
 )
+from fastgrow.config_files import apply_overrides, load_toml
 from fastgrow.errors import cli_message
 
 # The config sections and the dataclass that holds each one's keys (for `train --help`).

@@ -1,4 +1,4 @@
-"""Write a run configuration as TOML that `fastgrow train --config` (fastgrow.config.load_toml) reads back.
+"""Write a run configuration as TOML that `fastgrow train --config` (fastgrow.config_files.load_toml) reads back.
 
 `dumps_toml(mapping)` is a small generic TOML writer for what configs hold: top-level scalars first, then a
 `[table]` per nested mapping (sub-tables as `[table.sub]`), then `[[name]]` per element of a list of

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastgrow.config import RunConfig, apply_overrides, preset
+from fastgrow.config import RunConfig, preset
+from fastgrow.config_files import apply_overrides
 
 MARKER = ".fastgrow-demo"
 # About 4 MB of standard-library source: enough text for a 4096-token BPE and a few hundred steps

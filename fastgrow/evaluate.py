@@ -61,14 +61,7 @@ def evaluate_checkpoint(
             f"prepare it with that tokenizer (fastgrow prepare ... --tokenizer {ckpt_tok})"
         )
     n = batches if batches is not None else cfg.train.eval_batches
-    loader = BatchLoader(
-        data,
-        split="val",
-        batch_size=cfg.data.batch_size,
-        seq_len=cfg.data.seq_len,
-        val_fraction=cfg.data.val_fraction,
-        seed=cfg.train.seed,
-    )
+    loader = BatchLoader.for_run(data, cfg, "val")
     # train.evaluate (the function a run validates with) reads only .model and .device of its state.
     val_loss = evaluate(SimpleNamespace(model=loaded.model, device=dev), loader.val_batches(n), cfg)  # type: ignore[arg-type]
     return {

@@ -44,16 +44,11 @@ def learn_event(state: TrainState, ctx: GrowthContext) -> TrainState:
     return run_learn(state, ctx, plan, g.learn_steps or DEFAULT_LEARN_STEPS, g.learn_lr or DEFAULT_LEARN_LR)
 
 
-def _tokens_per_step(state: TrainState) -> int:
-    d, t = state.config.data, state.config.train
-    return d.batch_size * d.seq_len * t.grad_accum
-
-
 def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int, lr: float) -> TrainState:
     """Train G_learn's maps on ctx.loader (continuing `state.learn` if the state carries one) and return
     the grown state. `state` (the small model's) is advanced in place: step, tokens, bad_steps, learn."""
     tcfg = state.config.train
-    tps = _tokens_per_step(state)
+    tps = state.config.tokens_per_step
     phase: LearnPhase | None = state.learn
     if phase is None:
         phase = LearnPhase(state, plan, steps=steps, lr=lr)
@@ -204,11 +199,10 @@ def learn_checkpoint(
         cfg = state.config
         LearnPhase(state, plan, steps=steps, lr=lr)  # validates the plan and settings before reading data
         data = TokenData.open(data_dir)
-        kw = {"batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "val_fraction": cfg.data.val_fraction}
-        loader = BatchLoader(data, split="train", seed=cfg.train.seed, **kw)
+        loader = BatchLoader.for_run(data, cfg, "train")
         if state.cursor:
             loader.load_state_dict(state.cursor)
-        val = BatchLoader(data, split="val", seed=cfg.train.seed, **kw).val_batches(cfg.train.eval_batches)
+        val = BatchLoader.for_run(data, cfg, "val").val_batches(cfg.train.eval_batches)
         from fastgrow.train import _autocast, evaluate
 
         dev = state.device

@@ -9,13 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fastgrow.config_values import check
 from fastgrow.errors import ConfigError
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
 
 GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "width", "learn")
 WIDTH_OPS = ("direct", "zero", "random")
@@ -93,78 +88,78 @@ class GrowthConfig:
     learn_lr: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.at_tokens != 0, 'growth.at_tokens is required: the token count at which the stage grows, or "auto"')
-        _check(
+        check(self.at_tokens != 0, 'growth.at_tokens is required: the token count at which the stage grows, or "auto"')
+        check(
             (isinstance(self.at_tokens, int) and not isinstance(self.at_tokens, bool) and self.at_tokens > 0)
             or self.at_tokens == "auto",
             f'growth.at_tokens must be a token count > 0 or "auto", got {self.at_tokens!r}',
         )
-        _check(self.op in GROWTH_OPS, f"growth.op must be one of {GROWTH_OPS}, got {self.op!r}")
+        check(self.op in GROWTH_OPS, f"growth.op must be one of {GROWTH_OPS}, got {self.op!r}")
         for name in ("factor", "target_layers", "rewarm_steps", *WIDTH_TARGETS):
             v = getattr(self, name)
-            _check(
+            check(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                 f"growth.{name} must be a non-negative integer, got {v!r}",
             )
-        _check(0 <= self.noise < 1, f"growth.noise must be in [0, 1), got {self.noise}")
-        _check(self.width_op in ("", *WIDTH_OPS), f"growth.width_op must be one of {WIDTH_OPS}, got {self.width_op!r}")
-        _check(
+        check(0 <= self.noise < 1, f"growth.noise must be in [0, 1), got {self.noise}")
+        check(self.width_op in ("", *WIDTH_OPS), f"growth.width_op must be one of {WIDTH_OPS}, got {self.width_op!r}")
+        check(
             self.optimizer in OPTIMIZER_POLICIES,
             f"growth.optimizer must be one of {OPTIMIZER_POLICIES}, got {self.optimizer!r}",
         )
-        _check(
+        check(
             self.schedule in SCHEDULE_POLICIES,
             f"growth.schedule must be one of {SCHEDULE_POLICIES}, got {self.schedule!r}",
         )
         self._check_unused()
-        _check(
+        check(
             not (self.factor and self.target_layers),
             f"growth.factor ({self.factor}) and growth.target_layers ({self.target_layers}): give one, not both",
         )
-        _check(
+        check(
             self.op not in ("partial", "sources") or bool(self.spec),
             f"growth.spec: op {self.op!r} needs a spec (e.g. '1-234*7-56' or '1,2,3,1,2,3')",
         )
-        _check(
+        check(
             self.op != "width" or self.widens,
             "growth.op = 'width' needs a width target (growth.target_dim, target_ffn_dim or target_heads)",
         )
-        _check(
+        check(
             self.schedule != "rewarm" or self.rewarm_steps >= 1,
             'growth.rewarm_steps: schedule = "rewarm" needs rewarm_steps >= 1',
         )
-        _check(
+        check(
             self.schedule != "jump" or self.jump_to_step is not None,
             'growth.jump_to_step: schedule = "jump" needs the step of the target\'s schedule to jump to',
         )
         for name in ("warmup_steps", "jump_to_step"):
             v = getattr(self, name)
-            _check(
+            check(
                 v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                 f"growth.{name} must be a non-negative integer, got {v!r}",
             )
         h = self.horizon_steps
-        _check(
+        check(
             h is None or (isinstance(h, int) and not isinstance(h, bool) and h >= 1),
             f"growth.horizon_steps must be a positive integer, got {h!r}",
         )
-        _check(
+        check(
             h is None or self.warmup_steps is None or self.warmup_steps <= h,
             f"growth.warmup_steps ({self.warmup_steps}) must not exceed growth.horizon_steps ({h})",
         )
-        _check(self.lr is None or self.lr > 0, f"growth.lr must be > 0, got {self.lr}")
+        check(self.lr is None or self.lr > 0, f"growth.lr must be > 0, got {self.lr}")
         n = self.learn_steps
-        _check(
+        check(
             n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
             f"growth.learn_steps must be an integer >= 1 (the operator's training steps), got {n!r}",
         )
-        _check(self.learn_lr is None or self.learn_lr > 0, f"growth.learn_lr must be > 0, got {self.learn_lr}")
-        _check(
+        check(self.learn_lr is None or self.learn_lr > 0, f"growth.learn_lr must be > 0, got {self.learn_lr}")
+        check(
             self.op != "learn" or self.width_op in ("", "direct"),
             f"growth.width_op = {self.width_op!r}: op 'learn' starts its width maps from width 'direct'",
         )
-        _check(self.min_lr is None or self.min_lr >= 0, f"growth.min_lr must be >= 0, got {self.min_lr}")
-        _check(
+        check(self.min_lr is None or self.min_lr >= 0, f"growth.min_lr must be >= 0, got {self.min_lr}")
+        check(
             self.lr is None or self.min_lr is None or self.min_lr <= self.lr,
             f"growth.min_lr ({self.min_lr}) must not exceed growth.lr ({self.lr})",
         )

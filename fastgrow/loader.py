@@ -50,13 +50,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fastgrow.data import FORMAT_NAME, FORMAT_VERSION, META_FILE, DataError, sha256_file
 from fastgrow.fsutil import contained_path
+
+if TYPE_CHECKING:
+    from fastgrow.config import RunConfig
 
 _CURSOR_VERSION = 1
 _SPLITS = ("train", "val")
@@ -268,6 +271,20 @@ class BatchLoader:
         self.position = 0  # index into this epoch's order of the next window to hand out
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
+
+    @classmethod
+    def for_run(cls, data: TokenData, cfg: RunConfig, split: str) -> BatchLoader:
+        """The loader a run reads `split` with: the run's batch size, sequence length, held-out fraction
+        and seed."""
+        d = cfg.data
+        return cls(
+            data,
+            split=split,
+            batch_size=d.batch_size,
+            seq_len=d.seq_len,
+            val_fraction=d.val_fraction,
+            seed=cfg.train.seed,
+        )
 
     def _windows(self, view: TokenView, split: str) -> int:
         n = (len(view) - 1) // self.seq_len

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fastgrow.config import MODEL_PRESETS, ModelConfig, RunConfig, parse_count
+from fastgrow.config import MODEL_PRESETS, ModelConfig, RunConfig, parse_count, preset_key
 
 # Range of training compute the paper's fit was made on (its Fig. 6 runs), used only for a warning flag.
 FIT_RANGE_FLOPS = (1e19, 1e23)
@@ -138,12 +138,8 @@ def plan_growth(
         raise ValueError(f"token budget D must be > 0, got {tokens!r}")
     target: ModelConfig | None = None
     if preset is not None:
-        lookup = {k.lower(): k for k in MODEL_PRESETS}
-        key = lookup.get(str(preset).lower())
-        if key is None:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {list(MODEL_PRESETS)}")
-        preset = key
-        target = MODEL_PRESETS[key]
+        preset = preset_key(preset)  # a ConfigError (a ValueError) naming the presets
+        target = MODEL_PRESETS[preset]
     n = parse_count(params) if params is not None else (target.num_params() if target else None)
     if n is None:
         raise ValueError("give the target parameter count (params) or a preset")
@@ -237,6 +233,6 @@ def auto_growth_tokens(run: RunConfig, target: ModelConfig, max_fraction: float 
     total parameter count; target is the grown architecture (fastgrow.stages computes it from the run's
     growth stage, so this module needs nothing from the growth code).
     """
-    budget = run.train.max_steps * run.data.batch_size * run.data.seq_len * run.train.grad_accum
+    budget = run.train.max_steps * run.tokens_per_step
     n = target.num_params()
     return clamp_growth_tokens(growth_tokens(n, 6.0 * n * budget), budget, max_fraction)

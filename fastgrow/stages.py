@@ -16,10 +16,6 @@ from fastgrow.grow_learn import DEFAULT_LEARN_STEPS, resolve_learn_plan
 from fastgrow.plan import auto_growth_tokens
 
 
-def tokens_per_step(run: RunConfig) -> int:
-    return run.data.batch_size * run.data.seq_len * run.train.grad_accum
-
-
 def stage_targets(run: RunConfig, model: ModelConfig | None = None, start: int = 0) -> list[ModelConfig]:
     """The model each stage from `start` on produces, each resolved against the previous one
     (`model`, default run.model, is the input of stage `start`). ConfigError naming growth[N]."""
@@ -50,7 +46,7 @@ def stage_tokens(run: RunConfig) -> list[int]:
 def growth_step(at_tokens: int, run: RunConfig) -> int:
     """The number of steps done when a stage at `at_tokens` grows (growth happens before a step, once
     the tokens seen reach at_tokens)."""
-    return math.ceil(at_tokens / tokens_per_step(run))
+    return math.ceil(at_tokens / run.tokens_per_step)
 
 
 def check_stages(run: RunConfig, model: ModelConfig, done: int = 0) -> list[int]:
@@ -58,7 +54,7 @@ def check_stages(run: RunConfig, model: ModelConfig, done: int = 0) -> list[int]
     return every stage's token count. Raises ConfigError naming the first bad stage."""
     stage_targets(run, model, start=done)
     tokens = stage_tokens(run)
-    steps, tps = run.train.max_steps, tokens_per_step(run)
+    steps, tps = run.train.max_steps, run.tokens_per_step
     for i in range(done, len(tokens)):
         at = growth_step(tokens[i], run)
         if at >= steps:

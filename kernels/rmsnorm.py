@@ -21,14 +21,15 @@ every program owns a fixed contiguous range of rows and writes its own fp32 part
 second small kernel reduces the partials column-wise in a fixed order; no atomics, so repeated backward passes are
 bit-identical. Gradients never overwrite grad_output or saved inputs.
 
+Files: the forward kernel, launchers, custom ops, functional API, module and references are here; the
+backward kernels are in rmsnorm_bwd.py and the launch tables (tile shapes, warps, tuning candidates) in
+rmsnorm_configs.py.
+
 torch.compile: the launchers are registered as custom ops (`fastgrow::rms_norm_fwd`, ...), with fake
 (meta) implementations and autograd formulas, so compiled graphs treat them as opaque nodes and do
 not break around the Triton launch. Eager calls go through an autograd.Function over the same
 launchers instead (less host overhead per call); both paths are tested against each other.
 """
-
-import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -43,11 +44,12 @@ from ._common import (
     check_same_device,
     check_weight_dtype,
     device_guard,
-    next_pow2,
     persistent_programs,
     use_triton,
 )
 from ._tune import pick
+from .rmsnorm_bwd import _dw_sum_kernel, _rms_norm_bwd_kernel
+from .rmsnorm_configs import _PIPELINE_SMEM, NormCfg, _launch_config, _rows_bucket, bwd_candidates, fwd_candidates
 
 MAX_WIDTH = 65536
 
@@ -89,140 +91,9 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _rms_norm_bwd_kernel(
-    DY, stride_dym, stride_dyn,
-    X, stride_xm, stride_xn,
-    DH, stride_dhm, stride_dhn,
-    W, RSTD, DX, DR, DW_PART,
-    M, N, tiles_per_prog,
-    HAS_W: tl.constexpr, HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    RELOAD_W: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
-):  # fmt: skip
-    # Each program owns the rows [pid, pid + 1) * tiles_per_prog * ROWS and walks them a tile at a time
-    # (rows past M masked), keeping its dw contribution in fp32 registers; it writes one partial row at
-    # the end. The fixed row ownership and summation order make dw bit-reproducible without atomics.
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    # Wide rows (RELOAD_W) re-read w each row from L1/L2 instead of pinning it in registers: with x,
-    # dy and the dw accumulator already live, a register-resident w would spill at 8K+ widths.
-    if HAS_W and not RELOAD_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row_start = pid.to(tl.int64) * tiles_per_prog * ROWS
-    # NUM_STAGES = 2: the compiler prefetches the next tile's x, dy (and dh) into shared memory with
-    # async copies while this tile is computed (sm_90 compile: no extra registers), so a program's
-    # loads overlap its math instead of stalling at the top of every row.
-    for t in tl.range(0, tiles_per_prog, num_stages=NUM_STAGES):
-        rows = row_start + t * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        xhat = x.to(tl.float32) * rstd[:, None]
-        dy = dy.to(tl.float32)
-        if HAS_W:
-            if RELOAD_W:
-                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-            g = dy * w[None, :]
-        else:
-            g = dy
-        c = tl.sum(g * xhat, axis=1) / N
-        dx = (g - xhat * c[:, None]) * rstd[:, None]
-        if HAS_DH:
-            dh = tl.load(DH + rows[:, None] * stride_dhm + cols[None, :] * stride_dhn, mask=mask, other=0.0)
-            dx = dx + dh.to(tl.float32)
-        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if HAS_DR:  # fused residual with x and residual of two dtypes: each gets its own copy
-            tl.store(DR + rows[:, None] * N + cols[None, :], dx.to(DR.dtype.element_ty), mask=mask)
-        if COMPUTE_DW:
-            dw_acc += tl.sum(dy * xhat, axis=0)
-    if COMPUTE_DW:
-        tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw_acc, mask=col_mask)
-
-
-@triton.jit
-def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Second stage of the weight gradient: each program sums one column block of the [P, N] fp32
-    # partials in a fixed order and writes it in the weight's dtype (one launch instead of torch's sum
-    # plus a cast; a [BLOCK_P, BLOCK_C] accumulator keeps several rows' loads in flight).
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < N
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        mask = (rows < P)[:, None] & col_mask[None, :]
-        acc += tl.load(PART + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-# num_warps by tile size (ROWS * BLOCK_N elements). Forward: ~16 elements per thread (two 16-byte bf16
-# vectors per stream in flight), up to 32 warps; ptxas (sm_90, Triton 3.9) gives it 32-40 registers.
-# Backward keeps x, dy and the fp32 dw accumulator live per element: 112-124 registers at 1K-8K (so
-# 2 programs of 8 warps or 1 of 16 fit an SM), and 16K-wide rows stay at 16 warps (128 registers, a
-# 64-byte spill) where 32 warps would cap every thread at 64 registers and spill much more; at 32K-64K
-# spilling is unavoidable and the widest block wins. tests/test_norm_kernels_sm90.py checks this.
-# These are the fallbacks; on CUDA the launchers time them against twice/half the warps on first use
-# per (kernel, width, dtypes, row-count bucket) and keep the fastest (_tune.py; FASTGROW_TUNE=0: fallback).
-_FWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 32, 32768: 32, 65536: 32}
-_BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
-# Shared memory the backward's prefetch buffers may take (two tiles of its streamed inputs); above it
-# (fp32 inputs at 16K+ widths) the loop runs unpipelined rather than fail to launch (227 KB per block).
-_PIPELINE_SMEM = 160 * 1024
-
-
-@dataclass(frozen=True)
-class NormCfg:
-    rows: int  # rows per tile
-    num_warps: int
-
-    def __repr__(self) -> str:
-        return f"{self.rows}r w{self.num_warps}"
-
-
-def fwd_candidates(n: int) -> tuple[NormCfg, ...]:
-    """Forward configs for width n, fallback first: the table's warps, then twice and half as many
-    (the sm_90 compile report shows no spills for any of them at the model widths)."""
-    _, rows, w, _ = _launch_config(n)
-    return (NormCfg(rows, w), *(NormCfg(rows, c) for c in (2 * w, w // 2) if 2 <= c <= 32))
-
-
-def bwd_candidates(n: int) -> tuple[NormCfg, ...]:
-    """Backward configs for width n, fallback first: the table's warps, then twice as many for tiles of
-    up to 4096 elements (fewer warps would spill, as x, dy and the dw accumulator are live per element;
-    at 8192, 32 warps cap a thread at 64 registers and the fp32-stream variant spills)."""
-    block_n, rows, _, w = _launch_config(n)
-    more = (NormCfg(rows, 2 * w),) if rows * block_n <= 4096 and 2 * w <= 32 else ()
-    return (NormCfg(rows, w), *more)
-
-
-def _rows_bucket(m: int) -> int:
-    return min(1 << 16, next_pow2(max(m, 1024)))
-
-
-@functools.cache
-def _launch_config(n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, ROWS, fwd num_warps, bwd num_warps) for width n: the fallback table (what runs without
-    tuning, and the first of `fwd_candidates` / `bwd_candidates`).
-
-    - BLOCK_N: the row padded to a power of two (a whole row per tile; min 16 so a tile is never
-      degenerate).
-    - ROWS: wide rows (>= 4096) get one row per program, already 8-128 KB of traffic each; narrower
-      rows are packed several per program so each program still moves ~4K elements, which amortises
-      the per-program index math, weight load and rstd store.
-    """
-    block_n = max(16, next_pow2(n))
-    rows = 1 if block_n >= 4096 else min(64, 4096 // block_n)
-    tile = max(2048, rows * block_n)
-    return block_n, rows, _FWD_WARPS[tile], _BWD_WARPS[tile]
-
-
 def _out_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
     # h = x + residual follows torch's type promotion (autocast: a bf16 block output added to an fp32
     # residual stream gives an fp32 h), and y has h's dtype, exactly as the reference does.

@@ -17,11 +17,11 @@ import pytest
 import torch
 from fastgrow.kernels._common import interpreter_enabled
 from fastgrow.kernels.attention import attention, attention_ref
+from kernel_rule import FLOOR
 
 # the package re-exports the function `attention`, which shadows the submodule attribute
 attn_mod = importlib.import_module("fastgrow.kernels.attention")
-
-FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+cfg_mod = importlib.import_module("fastgrow.kernels.attention_configs")  # the launch tables
 
 
 def _make(b, sq, sk, h, hk, d, dtype, device="cpu", layout="contiguous"):
@@ -191,12 +191,12 @@ def test_backward_is_deterministic():
 
 def test_other_tile_shapes(monkeypatch):
     # Square 16x16 tiles and BLOCK_M > BLOCK_N by 4x: the loop splits must hold for any table entry.
-    c = attn_mod._c
+    c = cfg_mod._c
     for cfg in (
-        attn_mod._Cands(c((16, 16, 4, 1)), c((16, 16, 4, 1)), c((16, 16, 4, 1)), 16),
-        attn_mod._Cands(c((64, 16, 4, 1)), c((16, 64, 4, 1)), c((64, 16, 4, 1)), 64),
+        cfg_mod._Cands(c((16, 16, 4, 1)), c((16, 16, 4, 1)), c((16, 16, 4, 1)), 16),
+        cfg_mod._Cands(c((64, 16, 4, 1)), c((16, 64, 4, 1)), c((64, 16, 4, 1)), 64),
     ):
-        monkeypatch.setattr(attn_mod, "_INTERPRET_CANDS", cfg)
+        monkeypatch.setattr(cfg_mod, "_INTERPRET_CANDS", cfg)
         check_against_ref(*_make(1, 70, 70, 2, 1, 32, torch.float32), True)
         check_against_ref(*_make(1, 70, 29, 2, 2, 32, torch.float32), True)
 
@@ -480,20 +480,20 @@ def test_dkdv_int32_offset_guard():
     k = torch.zeros(1, 1, 8, 128).expand(1, 2**21 + 1, 8, 128)
     with pytest.raises(ValueError, match="dK/dV"):
         attention(q, k, k, backend="triton")
-    assert attn_mod._offset_problem(q, k, k) is not None
-    assert attn_mod._offset_problem(q, k[:, :100], k[:, :100]) is None
+    assert cfg_mod._offset_problem(q, k, k) is not None
+    assert cfg_mod._offset_problem(q, k[:, :100], k[:, :100]) is None
 
 
 @pytest.mark.parametrize("small_hd", [True, False])
 def test_every_gpu_candidate_tile_shape_is_correct(monkeypatch, small_hd):
     # The tuner may pick any candidate of the GPU tables: run each one's tile shapes (warps/stages do not
     # change the interpreter's math) at a length that crosses several of its blocks, causal with GQA.
-    cands = attn_mod.GPU_CANDIDATES[(False, small_hd)]
+    cands = cfg_mod.GPU_CANDIDATES[(False, small_hd)]
     d = 64 if small_hd else 96  # 96: the padded head dim of the hd-128 tiles
     for i in range(max(len(cands.fwd), len(cands.dkdv), len(cands.dq))):
         pick = [c[min(i, len(c) - 1)] for c in (cands.fwd, cands.dkdv, cands.dq)]
-        one = attn_mod._Cands(*((p,) for p in pick), cands.pre_block_m)
-        monkeypatch.setattr(attn_mod, "_INTERPRET_CANDS", one)
+        one = cfg_mod._Cands(*((p,) for p in pick), cands.pre_block_m)
+        monkeypatch.setattr(cfg_mod, "_INTERPRET_CANDS", one)
         check_against_ref(*_make(1, 150, 150, 2, 1, d, torch.float32), True)
 
 

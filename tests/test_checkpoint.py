@@ -203,8 +203,8 @@ def test_old_manifests_without_layout_stay_readable(tmp_path):
 
 
 def test_resume_never_falls_back_silently(tiny_data, tmp_path):
+    from cli_helpers import run_cli, write_toml
     from conftest import tiny_run_config
-    from test_train import run_cli, write_toml
 
     from fastgrow.train import train
 
@@ -279,3 +279,29 @@ def test_a_kill_while_pruning_never_leaves_a_complete_looking_folder(tmp_path):
     st = _state(tmp_path, step=4)
     save_checkpoint(st, run)  # the next save (lock holder) cleans the leftover
     assert not [p for p in run.iterdir() if ".del-" in p.name or ".tmp-" in p.name]
+
+
+def test_a_sharded_checkpoint_lists_every_file_under_dcp(tmp_path):
+    """The "dcp" layout's loader reads dcp/ whole: a file there the manifest does not list (another world
+    size's leftover shard, a stray file) is refused, and so is a missing DCP index. Built by hand in the
+    layout's shape (state.json of a real checkpoint, placeholder shards), so no process group is needed."""
+    from fastgrow.checkpoint import commit_checkpoint, new_checkpoint_dir
+
+    st = _state(tmp_path, step=4)
+    single = save_checkpoint(st, tmp_path / "single", keep=2)
+    final = tmp_path / "run" / "step-00000004"
+    final.parent.mkdir()
+    tmp = new_checkpoint_dir(final)
+    (tmp / "state.json").write_bytes((single / "state.json").read_bytes())
+    (tmp / "dcp").mkdir()
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        (tmp / "dcp" / name).write_bytes(name.encode())
+    commit_checkpoint(tmp, final, 4, "dcp")
+    assert verify_checkpoint(final)["layout"] == "dcp"
+    (final / "dcp" / "__2_0.distcp").write_bytes(b"stray")
+    with pytest.raises(CheckpointError, match=r"dcp/__2_0\.distcp not listed in the manifest"):
+        verify_checkpoint(final)
+    (final / "dcp" / "__2_0.distcp").unlink()
+    (final / "dcp" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"\.metadata: missing"):
+        verify_checkpoint(final)

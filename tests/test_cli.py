@@ -14,7 +14,8 @@ import pytest
 from conftest import tiny_run_config
 
 from fastgrow.cli import main
-from fastgrow.config import RunConfig, apply_overrides, load_toml, preset, preset_names
+from fastgrow.config import RunConfig, preset, preset_names
+from fastgrow.config_files import apply_overrides, load_toml
 from fastgrow.config_toml import dumps_toml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_print_config_is_toml_that_config_reads_back(capsys, tmp_path, name):
 
 
 def test_toml_writer_round_trips_awkward_values(tmp_path):
-    from fastgrow.config import tomllib
+    from fastgrow.config_files import tomllib
 
     data = {
         "title": 'quote " backslash \\ tab \t newline \n del \x7f emoji 😀 é',

@@ -8,12 +8,11 @@ from fastgrow.config import (
     GrowthConfig,
     ModelConfig,
     RunConfig,
-    apply_overrides,
-    load_toml,
     parse_count,
     preset,
     preset_names,
 )
+from fastgrow.config_files import apply_overrides, load_toml
 from fastgrow.model import Transformer
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import write_toml
 from conftest import tiny_run_config
 from dist_helpers import REPO, altered_data_copy, cli, spawn, wait
-from test_train import write_toml
 
 from fastgrow.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, read_manifest
 from fastgrow.config import GrowthConfig

@@ -3,15 +3,13 @@
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
+from cli_helpers import interrupt_cli_train, run_cli, write_toml
 from conftest import tiny_run_config
-from test_train import REPO, run_cli, write_toml
 
 from fastgrow.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
-from fastgrow.config import apply_overrides
+from fastgrow.config_files import apply_overrides
 from fastgrow.interrupts import StopSignals
 from fastgrow.metrics import read_metrics
 from fastgrow.train import TrainingAborted, train
@@ -52,20 +50,9 @@ def test_second_signal_exits_at_once():
 def test_ctrl_c_saves_the_current_step_and_resumes(tiny_data, tmp_path):
     cfg = tiny_run_config(tiny_data, tmp_path / "int", max_steps=100000, ckpt_every=0, log_every=1)
     cfg_file = write_toml(cfg, tmp_path / "int.toml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastgrow.cli", "train", "--config", str(cfg_file)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     metrics = tmp_path / "int" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, _, err = interrupt_cli_train(cfg_file, metrics, after_records=3, sig=signal.SIGINT)
+    assert code == 130, err
     assert "SIGINT: saved" in err and "Traceback" not in err
     logged = [r["step"] for r in read_metrics(metrics) if r["kind"] == "train"]
     ckpt = latest_checkpoint(tmp_path / "int")

@@ -11,7 +11,15 @@ import signal
 
 import pytest
 import torch
-from test_grow_run import _parser, assert_bitwise, data_dir, moments_of, params_of, run_cfg  # noqa: F401 (fixture)
+from test_grow_run import (  # noqa: F401 (data_dir: a fixture)
+    _parser,
+    assert_bitwise,
+    assert_continues_like,
+    data_dir,
+    moments_of,
+    params_of,
+    run_cfg,
+)
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, read_meta
 from fastgrow.config import ConfigError, GrowthConfig, RunConfig
@@ -133,13 +141,7 @@ def test_offline_learn_matches_in_run_learning(tokens, tmp_path, straight, capsy
     ref = straight.state.growth_history[0]
     for key in ("val_loss_before", "val_loss_learn_start", "val_loss_after", "learn_flops", "learn_tokens"):
         assert rec[key] == ref[key], key
-    cont = train(
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "grown"))),
-        resume=True,
-        echo=False,
-    )
-    assert len(cont.state.growth_history) == 1
-    assert_bitwise(params_of(cont.state), params_of(straight.state))
+    assert_continues_like(cfg, tmp_path / "grown", straight)
     # The command line: `fastgrow grow --op learn` needs --data; with it, it reports the learning.
     args = _parser().parse_args(["grow", str(ckpt), str(tmp_path / "cli"), "--op", "learn", "--factor", "2"])
     with pytest.raises(ValueError, match="needs --data DIR"):
@@ -182,7 +184,8 @@ def test_bad_learn_settings_are_one_clear_error(tokens, tmp_path, growth, err):
 
 
 def test_study_learn_variant_budget_counts_the_learn_steps(tmp_path):
-    from fastgrow.study_config import equal_flops_steps_phases, load_study, plan_study
+    from fastgrow.study_config import load_study
+    from fastgrow.study_plan import equal_flops_steps_phases, plan_study
 
     study = load_study(os.path.join(os.path.dirname(__file__), "..", "tools", "study", "cpu.toml"))
     runs = {r.variant.name: r for r in plan_study(study, tmp_path)}

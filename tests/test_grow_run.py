@@ -113,6 +113,16 @@ def test_resume_across_growth_is_bitwise(data_dir, tmp_path, straight, stop_at):
     assert_bitwise(moments_of(second.state), moments_of(straight.state))
 
 
+def assert_continues_like(cfg, grown_dir, straight):
+    """Continue the offline-grown checkpoint in `grown_dir` as a run of `cfg`: no second growth, and the
+    same weights as the run `straight` that grew in-run."""
+    cont = train(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(grown_dir))), resume=True, echo=False
+    )
+    assert len(cont.state.growth_history) == 1
+    assert_bitwise(params_of(cont.state), params_of(straight.state))
+
+
 def test_offline_grow_checkpoint_matches_in_run_growth(data_dir, tmp_path, straight):
     cfg = run_cfg(data_dir, tmp_path / "small")
     train(cfg, echo=False, until_step=3)  # checkpoint at step 3, tokens 96, not grown yet
@@ -124,14 +134,7 @@ def test_offline_grow_checkpoint_matches_in_run_growth(data_dir, tmp_path, strai
     assert read_meta(out)["model_config"]["n_layers"] == 4
     grown = load_checkpoint(out, "cpu", restore_rng=False)
     assert grown.model.cfg.n_layers == 4 and grown.step == 3
-    # Continue the grown checkpoint as a run: no second growth, and the same result as growing in-run.
-    cont = train(
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "grown"))),
-        resume=True,
-        echo=False,
-    )
-    assert len(cont.state.growth_history) == 1
-    assert_bitwise(params_of(cont.state), params_of(straight.state))
+    assert_continues_like(cfg, tmp_path / "grown", straight)
     with pytest.raises(ValueError, match="another run directory"):
         grow_checkpoint(ckpt, tmp_path / "small", plan)
     with pytest.raises(ValueError, match="malformed"):
@@ -228,7 +231,7 @@ rewarm_steps = 2
 
 
 def two_stage_cfg(data_dir, out_dir, tmp_path) -> RunConfig:
-    from fastgrow.config import load_toml
+    from fastgrow.config_files import load_toml
 
     f = tmp_path / "stages.toml"
     f.write_text(TWO_STAGES)

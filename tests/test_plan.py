@@ -164,7 +164,7 @@ def test_staged_plan_for_410m():
 
 
 def test_plan_stages_command_prints_a_config_that_loads(tmp_path, capsys):
-    from fastgrow.config import load_toml
+    from fastgrow.config_files import load_toml
     from fastgrow.grow_cli import add_growth_commands
     from fastgrow.stages import check_stages
 

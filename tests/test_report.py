@@ -9,7 +9,8 @@ import io
 import pytest
 from conftest import tiny_run_config
 
-from fastgrow.config import ConfigError, apply_overrides
+from fastgrow.config import ConfigError
+from fastgrow.config_files import apply_overrides
 from fastgrow.metrics import read_metrics
 from fastgrow.report import Reporter, growth_line, scalars_of, train_line
 

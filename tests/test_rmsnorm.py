@@ -9,20 +9,9 @@ import pytest
 import torch
 from fastgrow.kernels import RMSNorm, add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from fastgrow.kernels.rmsnorm import MAX_WIDTH
+from kernel_rule import assert_rule
 
-FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 EPS = 1e-6
-
-
-def assert_rule(name, ours, ref32, lowp, dtype):
-    """ours / lowp: results in the test dtype; ref32: the fp32 oracle."""
-    assert ours.shape == ref32.shape, (name, ours.shape, ref32.shape)
-    assert torch.isfinite(ours.float()).all(), name
-    if ours.numel() == 0:
-        return
-    err = (ours.float() - ref32.float()).abs().max().item()
-    base = (lowp.float() - ref32.float()).abs().max().item()
-    assert err <= 2 * base + FLOOR[dtype], f"{name}: err {err:.3g} > 2 * {base:.3g} + {FLOOR[dtype]}"
 
 
 def naive_lowp(x, w, eps=EPS):

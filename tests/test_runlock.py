@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import REPO, run_cli, write_toml
 from conftest import tiny_run_config
-from test_train import REPO, run_cli, write_toml
 
 from fastgrow.checkpoint import latest_checkpoint, load_checkpoint
 from fastgrow.metrics import read_metrics

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -280,9 +281,14 @@ def test_variant_settings_are_strict():
 # --- end to end on the CPU config ---------------------------------------------------------------------------
 
 
-def _cpu_study(data_dir: Path):
+def _cpu_study(data_dir: Path, **train):
+    """tools/study/cpu.toml on the session's data; `train`: [train] fields changed (e.g. a shorter budget)."""
     study = load_study(CPU_TOML)
-    target = dataclasses.replace(study.target, data=dataclasses.replace(study.target.data, data_dir=str(data_dir)))
+    target = dataclasses.replace(
+        study.target,
+        data=dataclasses.replace(study.target.data, data_dir=str(data_dir)),
+        train=dataclasses.replace(study.target.train, **train),
+    )
     return dataclasses.replace(study, target=target, prepare=None)
 
 
@@ -296,7 +302,8 @@ def _load_script():
 def test_cpu_study_end_to_end_reuse_and_resume(tiny_data, tmp_path, one_thread):
     from fastgrow.train import train
 
-    study = _cpu_study(tiny_data)
+    # cpu.toml's budget cut to 64 scratch steps (evaluated every 6): the same pipeline in 1/4 of the steps.
+    study = _cpu_study(tiny_data, max_steps=64, eval_every=6, ckpt_every=30)
     out = tmp_path / "study"
     result = run_study(study, out, only=["stack", "zero"], echo=False)
     assert not result.interrupted
@@ -359,7 +366,10 @@ def test_cpu_study_end_to_end_reuse_and_resume(tiny_data, tmp_path, one_thread):
     # The script: --list and --report-only on the finished study.
     script = _load_script()
     cfg = tmp_path / "cpu.toml"
-    cfg.write_text(CPU_TOML.read_text().replace('data_dir = "data/study-cpu"', f'data_dir = "{tiny_data}"'))
+    text = CPU_TOML.read_text().replace('data_dir = "data/study-cpu"', f'data_dir = "{tiny_data}"')
+    for key in ("max_steps", "eval_every", "ckpt_every"):  # the shortened budget the runs above used
+        text = re.sub(rf"(?m)^{key} = \d+", f"{key} = {getattr(study.target.train, key)}", text)
+    cfg.write_text(text)
     assert script.main(["--config", str(cfg), "--out", str(out), "--list"]) == 0
     (out / "study.md").unlink()
     assert script.main(["--config", str(cfg), "--out", str(out), "--only", "stack,zero", "--report-only"]) == 0

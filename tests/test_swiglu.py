@@ -8,18 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastgrow.kernels import SwiGLU, swiglu, swiglu_ref
-
-FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def assert_rule(name, ours, ref32, lowp, dtype):
-    assert ours.shape == ref32.shape, (name, ours.shape, ref32.shape)
-    assert torch.isfinite(ours.float()).all(), name
-    if ours.numel() == 0:
-        return
-    err = (ours.float() - ref32.float()).abs().max().item()
-    base = (lowp.float() - ref32.float()).abs().max().item()
-    assert err <= 2 * base + FLOOR[dtype], f"{name}: err {err:.3g} > 2 * {base:.3g} + {FLOOR[dtype]}"
+from kernel_rule import assert_rule
 
 
 def make_input(shape, dtype, layout, scale=1.0):

@@ -1,15 +1,11 @@
 """The training loop: bitwise resume in a new process, non-finite steps, SIGTERM, one-line errors."""
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import interrupt_cli_train, run_cli, write_toml
 from conftest import tiny_run_config
 from safetensors.torch import load_file
 
@@ -17,32 +13,6 @@ from fastgrow.checkpoint import latest_checkpoint, load_checkpoint, optimizer_te
 from fastgrow.config import ConfigError
 from fastgrow.metrics import read_metrics
 from fastgrow.train import TrainingAborted, train
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_toml(cfg, path):
-    lines = []
-    for section, values in cfg.to_dict().items():
-        tables = values if isinstance(values, list) else [values]  # growth: a list of [[growth]] stages
-        for table in tables:
-            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in table.items() if v is not None]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def run_cli(*args, timeout=300, **kw):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "fastgrow.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=env,
-        **kw,
-    )
 
 
 def losses(run_dir):
@@ -132,22 +102,10 @@ def test_aborts_after_k_consecutive_bad_steps(tiny_data, tmp_path, monkeypatch):
 def test_sigterm_saves_then_exits(tiny_data, tmp_path):
     cfg = tiny_run_config(tiny_data, tmp_path / "term", max_steps=100000, ckpt_every=0, log_every=1)
     cfg_file = write_toml(cfg, tmp_path / "term.toml")
-    env = {**os.environ}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastgrow.cli", "train", "--config", str(cfg_file)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, _, err = interrupt_cli_train(
+        cfg_file, tmp_path / "term" / "metrics.jsonl", after_records=2, sig=signal.SIGTERM
     )
-    metrics = tmp_path / "term" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    assert code == 143, err
     ckpt = latest_checkpoint(tmp_path / "term")
     assert ckpt is not None and "SIGTERM: saved" in err
     assert load_checkpoint(ckpt).step >= 2
@@ -214,7 +172,7 @@ def test_device_side_skip_path_aborts_on_a_bad_run_between_log_steps(tiny_data, 
 
 
 def test_a_bad_growth_plan_fails_at_start_not_at_the_event(tiny_data, tmp_path):
-    from fastgrow.config import apply_overrides
+    from fastgrow.config_files import apply_overrides
 
     cfg = tiny_run_config(tiny_data, tmp_path / "g")
     cfg = apply_overrides(cfg, ["--growth.at_tokens=500", "--growth.op=partial", "--growth.spec=12-3x"])
@@ -224,7 +182,7 @@ def test_a_bad_growth_plan_fails_at_start_not_at_the_event(tiny_data, tmp_path):
 
 
 def test_auto_growth_timing_pins_max_steps_until_the_run_has_grown(tiny_data, tmp_path):
-    from fastgrow.config import apply_overrides
+    from fastgrow.config_files import apply_overrides
 
     cfg = apply_overrides(tiny_run_config(tiny_data, tmp_path / "a"), ["--growth.at_tokens=auto"])
     train(cfg, echo=False, until_step=1)

@@ -1,8 +1,8 @@
 """Compile the Triton kernels for an H100/H200 (sm_90a) on a machine WITHOUT a GPU and report, per kernel and
 launch config: registers, spill bytes, shared memory, and whether the main loops were software-pipelined
 (async copies) and use Hopper wgmma. Every candidate of the attention launch tables
-(kernels/attention.py GPU_CANDIDATES, tuned on the GPU at first use) is compiled; with --norms also the
-RMSNorm candidates (kernels/rmsnorm.py). Timings still need a GPU (bench/, tools/gpu_check.sh).
+(kernels/attention_configs.py GPU_CANDIDATES, tuned on the GPU at first use) is compiled; with --norms also the
+RMSNorm candidates (kernels/rmsnorm_configs.py). Timings still need a GPU (bench/, tools/gpu_check.sh).
 
     TRITON_INTERPRET=0 python tools/attention_sm90_report.py [--dtype bf16|fp16|fp32] [--head-dims 64 128]
         [--config fwd:128,64,8,3 dkdv:32,128,8,2 ...] [--norms] [--markdown bench/results/...md]
@@ -28,13 +28,13 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # must precede the kernels' import: the compiler, not the interpreter
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-A = importlib.import_module("fastgrow.kernels.attention")  # the package re-exports a function of that name
+from fastgrow.kernels import attention_configs as A  # noqa: E402  (the attention launch tables)
 from fastgrow.kernels.attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel  # noqa: E402
 from fastgrow.kernels.attention_fwd import attn_fwd_kernel  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 KERNELS = {"fwd": attn_fwd_kernel, "dkdv": attn_bwd_dkdv_kernel, "dq": attn_bwd_dq_kernel}
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
@@ -91,7 +91,7 @@ def attention_row(kern: str, d: int, dtype: str, cfg, causal: bool, split_const:
     bd = triton.next_power_of_2(d)
     consts = dict(
         HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-        DOT_PREC=A._dot_precision({"fp32": A.torch.float32}.get(dtype, A.torch.bfloat16)),
+        DOT_PREC=A._dot_precision({"fp32": torch.float32}.get(dtype, torch.bfloat16)),
     )  # fmt: skip
     consts.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
     if kern == "dkdv" and split_const:

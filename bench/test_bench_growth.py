@@ -279,7 +279,7 @@ def test_grow_host_overhead(benchmark):
             st.optimizer = build_optimizer(st.model, st.config.train)
         for grp in st.optimizer.param_groups:
             for p in grp["params"]:
-                step = torch.tensor(1.0, device=device if CUDA or device.type == "meta" else "cpu")
+                step = torch.tensor(1.0, device=device)
                 moments = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                 st.optimizer.state[p] = {"step": step, **moments}
         return st

@@ -256,11 +256,12 @@ def _sharded_model(model_cfg, ctx: DistContext) -> Transformer:
     return model
 
 
-def load_parallel_state(ckpt: Path, config: RunConfig, ctx: DistContext) -> TrainState:
-    """Resume a torchrun rank from a checkpoint of any layout and any world size (collective)."""
+def load_parallel_state(ckpt: Path, config: RunConfig, ctx: DistContext, verify: bool = True) -> TrainState:
+    """Resume a torchrun rank from a checkpoint of any layout and any world size (collective).
+    verify=False: the caller has verified `ckpt` already (the trainer's resume selection on rank 0)."""
     from fastgrow.checkpoint import load_checkpoint
 
-    layout = checkpoint_layout(verify_sharded(ckpt, ctx))
+    layout = checkpoint_layout(verify_sharded(ckpt, ctx) if verify else ctx.agree(lambda: read_manifest(ckpt)))
     if not ctx.sharded and layout != LAYOUT:  # DDP from a one-process checkpoint: every rank loads it whole
         return ctx.agree(lambda: load_checkpoint(ckpt, ctx.device, config=config, verify=False))
 

@@ -39,7 +39,6 @@ from fastgrow.config import ConfigError, RunConfig
 from fastgrow.launch_env import launched_by_torchrun
 from fastgrow.sharding import is_dtensor, reshard, shard_model
 
-PARALLEL_MODES = ("fsdp", "ddp")
 _ERROR_KEY = "fastgrow/error"
 T = TypeVar("T")
 
@@ -61,7 +60,6 @@ class DistContext:
     local_rank: int = 0
     parallel: str | None = None
     mesh: Any = None  # the 1-D DeviceMesh FSDP2 shards over
-    owns_group: bool = False  # this context created the process group (and destroys it)
     _timeout: float = 0.0  # train.dist_timeout, for messages
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # e.g. the run lock
 
@@ -241,9 +239,7 @@ def session(cfg: RunConfig, device: torch.device | str | None = None) -> Iterato
         return
     import torch.distributed as dist
 
-    parallel = cfg.train.parallel
-    if parallel not in PARALLEL_MODES:
-        raise ConfigError(f"train.parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    parallel = cfg.train.parallel  # fsdp or ddp (TrainConfig checks it)
     if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 6):
         # fully_shard, DTensor's public API and get_total_norm/clip_grads_with_norm_ arrived in 2.6.
         raise ConfigError(f"training under torchrun needs torch >= 2.6, this is torch {torch.__version__}")
@@ -265,7 +261,6 @@ def session(cfg: RunConfig, device: torch.device | str | None = None) -> Iterato
         world_size=dist.get_world_size(),
         local_rank=local_rank,
         parallel=parallel,
-        owns_group=owns,
         _timeout=cfg.train.dist_timeout,
     )
     try:
@@ -365,8 +360,14 @@ class StepSync:
             return loss_mean
         import torch.distributed as dist
 
-        flags = [float(signum == signal.SIGTERM), float(signum == signal.SIGINT)]
-        buf = torch.cat([loss_mean.float().reshape(1), torch.tensor(flags, device=loss_mean.device)])
+        # Built on the device (fills, no host tensor): a host-to-device copy of the flags would make the
+        # host wait for the step it has just queued.
+        buf = torch.zeros(3, device=loss_mean.device)
+        buf[0].copy_(loss_mean)
+        if signum == signal.SIGTERM:
+            buf[1].fill_(1.0)
+        elif signum == signal.SIGINT:
+            buf[2].fill_(1.0)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG
         if self.cuda:
             host = torch.empty(2, pin_memory=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from fastgrow.config import ConfigError
@@ -40,7 +39,7 @@ def evaluate_checkpoint(
     from fastgrow.inference import load_model
     from fastgrow.loader import BatchLoader, TokenData
     from fastgrow.state import resolve_device
-    from fastgrow.train import evaluate
+    from fastgrow.train_base import evaluate
 
     if batches is not None and batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
@@ -62,8 +61,7 @@ def evaluate_checkpoint(
         )
     n = batches if batches is not None else cfg.train.eval_batches
     loader = BatchLoader.for_run(data, cfg, "val")
-    # train.evaluate (the function a run validates with) reads only .model and .device of its state.
-    val_loss = evaluate(SimpleNamespace(model=loaded.model, device=dev), loader.val_batches(n), cfg)  # type: ignore[arg-type]
+    val_loss = evaluate(loaded.model, loader.val_batches(n), cfg)  # what a run validates with
     return {
         "val_loss": val_loss,
         "perplexity": perplexity(val_loss),

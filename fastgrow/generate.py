@@ -54,9 +54,10 @@ class KVCache:
 
 
 @torch.no_grad()
-def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
     """Logits (batch, s, vocab) of `tokens` (batch, s) placed after the `cache.length` cached positions;
-    appends their keys/values to the cache."""
+    appends their keys/values to the cache. last_only: the logits of the last position only (batch, 1,
+    vocab), what decoding needs (a prompt's other positions would cost an s x vocab output matmul)."""
     cfg = model.cfg
     b, s = tokens.shape
     start, end = cache.length, cache.length + s
@@ -76,6 +77,8 @@ def forward_cached(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> 
         hidden, y = kernels.add_rms_norm(a, x, layer.mlp_norm.weight, eps, impl=impl)
         x = hidden + layer.mlp(y)
     cache.length = end
+    if last_only:
+        x = x[:, -1:]
     x = kernels.rms_norm(x, model.norm.weight, eps, impl=impl)
     return model.output(x)
 
@@ -133,14 +136,14 @@ def generate_ids(
     with torch.no_grad(), autocast if autocast is not None else contextlib.nullcontext():
         tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
         cache = KVCache(cfg, num_samples, total)
-        logits = forward_cached(model, tokens, cache)[:, -1]
+        logits = forward_cached(model, tokens, cache, last_only=True)[:, -1]
         out = torch.empty((num_samples, max_new_tokens), dtype=torch.long, device=device)
         done = torch.zeros(num_samples, dtype=torch.bool, device=device)
         n = 0
         for n in range(1, max_new_tokens + 1):
             nxt = sample_next(logits, temperature, top_k, generator)
             if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                nxt = nxt.masked_fill(done, eos_id)
                 done |= nxt == eos_id
             out[:, n - 1] = nxt
             if (eos_id is not None and bool(done.all())) or n == max_new_tokens:
@@ -182,7 +185,7 @@ def generate_text(
 
     from fastgrow.inference import EOS_TOKEN, find_tokenizer, load_model
     from fastgrow.state import resolve_device
-    from fastgrow.train import _autocast  # the run's compute dtype policy, the same as in training
+    from fastgrow.train_base import autocast  # the run's compute dtype policy, the same as in training
 
     dev = resolve_device(device, what="device")
     loaded = load_model(path, dev)
@@ -202,7 +205,7 @@ def generate_text(
         seed=seed,
         eos_id=eos_id if stop_at_eos else None,
         num_samples=num_samples,
-        autocast=_autocast(loaded.config, dev),
+        autocast=autocast(loaded.config, dev),
     )
     seconds = time.perf_counter() - t0
     # Decode prompt and continuation together: a character's bytes may straddle the two.

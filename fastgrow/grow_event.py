@@ -27,7 +27,7 @@ import torch
 from fastgrow.config import GrowthConfig, RunConfig
 from fastgrow.grow import apply_growth
 from fastgrow.loader import BatchLoader
-from fastgrow.state import TrainState
+from fastgrow.state import TrainState, sync_device
 
 
 @dataclass
@@ -89,11 +89,6 @@ def flops_so_far(history: list[dict[str, Any]], tokens: int, flops_per_token_now
     return done + flops_per_token_now * (tokens - tokens_before)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_growth_event(state: TrainState, ctx: GrowthContext) -> tuple[TrainState, dict[str, Any]]:
     """Grow `state` by stage ctx.stage; return the grown state and the event's measurements
     (grow_seconds: the growth itself, without the two evaluations; val_seconds: the two evaluations;
@@ -101,10 +96,10 @@ def run_growth_event(state: TrainState, ctx: GrowthContext) -> tuple[TrainState,
     it must not be used after this call."""
     t0 = time.perf_counter()
     val_before = ctx.evaluate(state)
-    _sync(ctx.device)
+    sync_device(ctx.device)
     t1 = time.perf_counter()
     grown = EVENT_HANDLERS.get(ctx.growth.op, _grow_builtin)(state, ctx)
-    _sync(ctx.device)
+    sync_device(ctx.device)
     t2 = time.perf_counter()
     val_after = ctx.evaluate(grown)
     val_seconds = (t1 - t0) + (time.perf_counter() - t2)

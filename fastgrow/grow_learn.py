@@ -113,7 +113,8 @@ def learn_flops_per_step(src: ModelConfig, dst: ModelConfig, seq_len: int, token
     return tokens_per_step * flops_per_token(dst, seq_len, include_attention=True) + fwd + bwd
 
 
-def _check_settings(steps: int, lr: float) -> None:
+def check_learn_settings(steps: int, lr: float) -> None:
+    """learn_steps and learn_lr as G_learn needs them (ValueError naming the setting otherwise)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"learn_steps must be an integer >= 1, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -137,7 +138,7 @@ class LearnPhase:
         lr: float = DEFAULT_LEARN_LR,
         width_maps: Mapping[tuple[str, str], SideMap] | None = None,
     ) -> None:
-        _check_settings(steps, lr)
+        check_learn_settings(steps, lr)
         self.resolved = resolve_learn_plan(plan, state.model.cfg)
         r = self.resolved
         self.state = state

@@ -29,10 +29,19 @@ import torch
 
 from fastgrow.grow import GrowPlan, plan_from_config
 from fastgrow.grow_event import GrowthContext, GrowthPaused, flops_so_far
-from fastgrow.grow_learn import DEFAULT_LEARN_LR, DEFAULT_LEARN_STEPS, LearnPhase, learn_flops_per_step
+from fastgrow.grow_learn import (
+    DEFAULT_LEARN_LR,
+    DEFAULT_LEARN_STEPS,
+    LearnPhase,
+    check_learn_settings,
+    learn_flops_per_step,
+    resolve_learn_plan,
+)
 from fastgrow.metrics import mfu, peak_flops
 from fastgrow.model import flops_per_token
+from fastgrow.stages import learn_steps
 from fastgrow.state import TrainState
+from fastgrow.train_base import LogWindow, TrainingAborted, autocast, evaluate
 
 __all__ = ["learn_checkpoint", "learn_event", "run_learn"]
 
@@ -41,7 +50,7 @@ def learn_event(state: TrainState, ctx: GrowthContext) -> TrainState:
     """The growth event handler of op "learn" (registered in fastgrow.grow_event.EVENT_HANDLERS)."""
     g = ctx.growth
     plan = plan_from_config(g, state.model.cfg)
-    return run_learn(state, ctx, plan, g.learn_steps or DEFAULT_LEARN_STEPS, g.learn_lr or DEFAULT_LEARN_LR)
+    return run_learn(state, ctx, plan, learn_steps(g), g.learn_lr or DEFAULT_LEARN_LR)
 
 
 def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int, lr: float) -> TrainState:
@@ -70,9 +79,7 @@ def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int,
     flops_tok = info["flops_per_step"] / tps
     consec = torch.full((), float(state.bad_steps), device=dev)
     max_run = consec.clone()
-    window_loss = torch.zeros((), device=dev)
-    window_bad = torch.zeros((), device=dev)
-    window_steps, window_start, paused = 0, time.perf_counter(), 0.0
+    window = LogWindow(dev)
     gnorm = torch.zeros((), device=dev)
     while not phase.finished:
         if ctx.should_stop is not None and ctx.should_stop(state.step):
@@ -88,18 +95,11 @@ def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int,
         info["tokens"] += tps
         consec = (consec + 1) * bad
         max_run = torch.maximum(max_run, consec)
-        window_loss += torch.where(bad, torch.zeros_like(loss), loss)
-        window_bad += bad.float()
-        window_steps += 1
+        window.add(loss, bad, tps)
         if ctx.progress is not None:
             ctx.progress(1)
         if state.step % tcfg.log_every == 0 or phase.finished:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            elapsed = time.perf_counter() - window_start - paused
-            n_bad = int(window_bad.item())
-            good = window_steps - n_bad
-            tok_s = window_steps * tps / elapsed if elapsed > 0 else float("nan")
+            mean_loss, n_bad, tok_s = window.summary()
             _emit(
                 ctx,
                 {
@@ -108,7 +108,7 @@ def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int,
                     "step": state.step,
                     "tokens": state.tokens,
                     "flops": info["flops_start"] + phase.done * info["flops_per_step"],
-                    "loss": float(window_loss.item()) / good if good else float("nan"),
+                    "loss": mean_loss,
                     "lr": phase.lr,
                     "tokens_per_s": tok_s,
                     "mfu": mfu(flops_tok, tok_s, peak),
@@ -121,15 +121,11 @@ def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int,
             run = int(max_run.item())
             max_run = consec.clone()
             if run >= tcfg.max_bad_steps:
-                from fastgrow.train import TrainingAborted  # loaded: this runs inside the trainer
-
                 raise TrainingAborted(
                     f"{run} consecutive non-finite G_learn steps up to step {state.step}; aborting "
                     f"(train.max_bad_steps={tcfg.max_bad_steps})"
                 )
-            window_loss.zero_()
-            window_bad.zero_()
-            window_steps, window_start, paused = 0, time.perf_counter(), 0.0
+            window.reset()
         t_pause = time.perf_counter()  # evaluation and checkpoints are kept out of tokens/s
         if tcfg.eval_every and state.step % tcfg.eval_every == 0:
             _emit(
@@ -146,7 +142,7 @@ def run_learn(state: TrainState, ctx: GrowthContext, plan: GrowPlan, steps: int,
         if tcfg.ckpt_every and state.step % tcfg.ckpt_every == 0 and ctx.save is not None:
             state.bad_steps = int(consec.item())
             ctx.save()
-        paused += time.perf_counter() - t_pause
+        window.paused += time.perf_counter() - t_pause
     state.bad_steps = int(consec.item())
     grown = phase.materialise()
     grown.growth_history[-1].update(
@@ -197,22 +193,21 @@ def learn_checkpoint(
         if state.learn is not None:
             raise ValueError(f"{src} was saved during a G_learn phase: resume that run to finish it")
         cfg = state.config
-        LearnPhase(state, plan, steps=steps, lr=lr)  # validates the plan and settings before reading data
+        check_learn_settings(steps, lr)  # before any data is read
+        resolve_learn_plan(plan, state.model.cfg)
         data = TokenData.open(data_dir)
         loader = BatchLoader.for_run(data, cfg, "train")
         if state.cursor:
             loader.load_state_dict(state.cursor)
         val = BatchLoader.for_run(data, cfg, "val").val_batches(cfg.train.eval_batches)
-        from fastgrow.train import _autocast, evaluate
-
         dev = state.device
         ctx = GrowthContext(
             cfg=cfg,
             stage=len(state.growth_history),
             loader=loader,
-            evaluate=lambda st: evaluate(st, val, cfg),
+            evaluate=lambda st: evaluate(st.model, val, cfg),
             device=dev,
-            autocast=lambda: _autocast(cfg, dev),
+            autocast=lambda: autocast(cfg, dev),
         )
         before = ctx.evaluate(state)
         grown = run_learn(state, ctx, plan, steps, lr)

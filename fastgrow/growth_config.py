@@ -169,10 +169,6 @@ class GrowthConfig:
         """Whether the stage sets a width target."""
         return any(getattr(self, name) for name in WIDTH_TARGETS)
 
-    def used_fields(self) -> frozenset[str]:
-        used = ALWAYS_USED | OP_FIELDS[self.op] | SCHEDULE_FIELDS[self.schedule]
-        return used | {"width_op"} if self.widens else used
-
     def _check_unused(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         defaults = {f.name: f.default for f in fields(self)}
@@ -185,14 +181,18 @@ class GrowthConfig:
 SCHEDULE_FIELDS_ANY = frozenset().union(*SCHEDULE_FIELDS.values())
 
 
+def used_fields(op: str, schedule: str, widens: bool) -> frozenset[str]:
+    """The GrowthConfig fields a stage of this op and schedule policy reads."""
+    used = ALWAYS_USED | OP_FIELDS.get(op, frozenset()) | SCHEDULE_FIELDS.get(schedule, frozenset())
+    return used | {"width_op"} if widens else used
+
+
 def unused_field(
     op: str, schedule: str, widens: bool, values: dict[str, Any], defaults: dict[str, Any]
 ) -> tuple[str, str] | None:
     """(field, why) of the first field set away from its default that neither the op, the schedule
     policy nor the width targets read; None when every set field is read. Field names are GrowthConfig's."""
-    used = ALWAYS_USED | OP_FIELDS.get(op, frozenset()) | SCHEDULE_FIELDS.get(schedule, frozenset())
-    if widens:
-        used |= {"width_op"}
+    used = used_fields(op, schedule, widens)
     for name, value in values.items():
         if name in used or name not in defaults or value == defaults[name]:
             continue
@@ -216,10 +216,9 @@ def growth_from_legacy(d: dict[str, Any]) -> list[dict[str, Any]]:
     schedule = d.get("schedule", "continue")
     if op not in OP_FIELDS or schedule not in SCHEDULE_FIELDS:
         return [dict(d)]  # let GrowthConfig name the bad value
-    used = ALWAYS_USED | OP_FIELDS[op] | SCHEDULE_FIELDS[schedule]
-    if any(d.get(k) for k in WIDTH_TARGETS):
-        used |= {"width_op"}
-    out = {k: v for k, v in d.items() if k in used or k not in {f.name for f in fields(GrowthConfig)}}
+    used = used_fields(op, schedule, any(d.get(k) for k in WIDTH_TARGETS))
+    names = {f.name for f in fields(GrowthConfig)}
+    out = {k: v for k, v in d.items() if k in used or k not in names}
     if op in ("partial", "sources"):
         out.pop("factor", None)
     elif out.get("factor") and out.get("target_layers"):

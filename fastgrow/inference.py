@@ -14,12 +14,21 @@ from typing import Any
 
 import torch
 
-from fastgrow.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, verify_checkpoint
-from fastgrow.config import ModelConfig, RunConfig
+from fastgrow.checkpoint import (
+    CheckpointError,
+    checkpoint_layout,
+    checkpoint_model_config,
+    read_state,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from fastgrow.config import RunConfig
+from fastgrow.data import EOS_TOKEN  # what `fastgrow prepare` trains its tokenizers with
 from fastgrow.errors import option_error
 from fastgrow.model import Transformer
+from fastgrow.sharding import init_buffers
 
-EOS_TOKEN = "<|endoftext|>"  # what `fastgrow prepare` trains its tokenizers with (fastgrow.data.EOS_TOKEN)
+__all__ = ["EOS_TOKEN", "LoadedModel", "find_tokenizer", "load_model"]
 
 
 @dataclass
@@ -36,40 +45,28 @@ class LoadedModel:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """The model of a checkpoint (step dir, or a run dir's newest), on `device`, in eval mode."""
-    from safetensors.torch import load_file
-
     ckpt = resolve_checkpoint(path)
     manifest = verify_checkpoint(ckpt)
-    meta = json.loads((ckpt / "state.json").read_text())
+    meta = read_state(ckpt)
     cfg = RunConfig.from_dict(meta["config"])
     dev = torch.device(device)
-    weights_file = ckpt / "model.safetensors"
-    if manifest.get("layout", "single") != "single" or not weights_file.is_file():
-        # Another checkpoint layout (e.g. sharded): let the full loader assemble it.
-        model = load_checkpoint(ckpt, dev, verify=False, restore_rng=False).model
+    if checkpoint_layout(manifest) == "dcp":  # sharded: assembled whole in this process (no optimizer)
+        from fastgrow.checkpoint_dcp import read_model_weights
+
+        weights = {n: t.to(dev) for n, t in read_model_weights(ckpt).items()}
     else:
-        model_cfg = ModelConfig(
-            **meta["model_config"], attn_backend=cfg.model.attn_backend, kernel_impl=cfg.model.kernel_impl
-        )
-        with torch.device("meta"):
-            model = Transformer(model_cfg)  # no init: every parameter comes from the file
-        model = model.to_empty(device=dev)
-        weights = load_file(str(weights_file), device=str(dev))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing}, extra {unexpected})")
-        _reset_buffers(model)  # buffers (the RoPE tables) are not saved: recompute them
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / "model.safetensors"), device=str(dev))
+    with torch.device("meta"):
+        model = Transformer(checkpoint_model_config(meta, cfg))  # no init: every parameter comes from the file
+    model = model.to_empty(device=dev)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing}, extra {unexpected})")
+    init_buffers(model)  # buffers (the RoPE tables) are not saved: recompute them
     model.eval()
     return LoadedModel(model=model, config=cfg, checkpoint=ckpt, meta=meta)
-
-
-def _reset_buffers(model: Transformer) -> None:
-    from fastgrow.model import rope_tables
-
-    cfg = model.cfg
-    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-    model.rope_cos = cos.to(model.rope_cos.device)
-    model.rope_sin = sin.to(model.rope_sin.device)
 
 
 def find_tokenizer(loaded: LoadedModel, explicit: str | Path | None = None) -> Path:

@@ -29,7 +29,7 @@ from fastgrow.regional import compile_regions, uncompile_regions
 from fastgrow.report import Reporter
 from fastgrow.runner_growth import RunnerGrowth
 from fastgrow.state import TrainState
-from fastgrow.train_base import TrainingAborted, TrainResult, autocast, ckpt_name, evaluate
+from fastgrow.train_base import LogWindow, TrainingAborted, TrainResult, autocast, ckpt_name, evaluate
 
 
 def due_stage(state: TrainState, stage_tokens: list[int]) -> int | None:
@@ -142,12 +142,7 @@ class Runner(RunnerGrowth):
         last_ckpt: Path | None = latest if latest is not None and latest.name == ckpt_name(start_step) else None
         consec_bad = torch.full((), float(self.state.bad_steps), device=self.device)
         max_run = consec_bad.clone()
-        window_loss = torch.zeros((), device=self.device)
-        window_bad = torch.zeros((), device=self.device)
-        window_steps = 0
-        window_tokens = 0
-        window_start = time.perf_counter()
-        paused = 0.0  # seconds of eval/checkpointing inside the current window, kept out of tokens/s
+        window = LogWindow(self.device)
         last_norm = torch.zeros((), device=self.device)
         self.report = Reporter(
             self.cfg, self.out_dir, initial_step=self.state.step, console=self.echo, enabled=self.ctx.is_main
@@ -169,25 +164,17 @@ class Runner(RunnerGrowth):
                             stop_by = stop_signal.signum
                             interrupted = stop_by is not None
                             break
-                        window_loss.zero_()
-                        window_bad.zero_()
-                        window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
+                        window.reset()
                     loss, gnorm, bad, consec_bad = self.step(consec_bad)
                     self.growth_step_done(log)  # the records of a growth before this step, with its stall
-                    window_loss += torch.where(bad, torch.zeros_like(loss), loss)
-                    window_bad += bad.float()
+                    window.add(loss, bad, self.tokens_per_step)
                     # Longest run of bad steps in this window, so a run that ends between log steps still
                     # aborts (on CUDA the check waits for the next log step; no per-step sync).
                     max_run = torch.maximum(max_run, consec_bad)
                     last_norm = gnorm
-                    window_steps += 1
-                    window_tokens += self.tokens_per_step
                     self.report.step()
                     if self.state.step % tcfg.log_every == 0 or self.state.step == self.stop:
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        elapsed = time.perf_counter() - window_start - paused
-                        rec = self._train_record(window_loss, window_bad, window_steps, window_tokens, elapsed)
+                        rec = self._train_record(*window.summary())
                         rec["grad_norm"] = float(last_norm)
                         self._emit(log, rec)
                         n_bad_run = int(max_run.item())
@@ -199,9 +186,7 @@ class Runner(RunnerGrowth):
                                 f"{self.state.step}; aborting (train.max_bad_steps={tcfg.max_bad_steps}). "
                                 + self._last_good(last_ckpt)
                             )
-                        window_loss.zero_()
-                        window_bad.zero_()
-                        window_steps, window_tokens, window_start, paused = 0, 0, time.perf_counter(), 0.0
+                        window.reset()
                     elif not self.fused and bool(consec_bad >= tcfg.max_bad_steps):
                         raise TrainingAborted(
                             f"{int(consec_bad)} consecutive non-finite steps up to step {self.state.step}; aborting "
@@ -212,7 +197,7 @@ class Runner(RunnerGrowth):
                         self._eval(log)
                     if (tcfg.ckpt_every and self.state.step % tcfg.ckpt_every == 0) or self.ckpt_pending:
                         last_ckpt = self._save(consec_bad) or last_ckpt
-                    paused += time.perf_counter() - t_pause
+                    window.paused += time.perf_counter() - t_pause
                     stop_by = self.sync.should_stop(stop_signal.signum)  # under torchrun: any rank's, agreed
                     if stop_by is not None:
                         interrupted = True
@@ -244,12 +229,9 @@ class Runner(RunnerGrowth):
         )
 
     # --- pieces -----------------------------------------------------------------------------------------
-    def _train_record(self, window_loss, window_bad, steps, tokens, elapsed) -> dict[str, Any]:
+    def _train_record(self, loss: float, n_bad: int, tps: float) -> dict[str, Any]:
+        """The train record of a logging window (LogWindow.summary())."""
         state = self.state
-        n_bad = int(window_bad.item())
-        good = steps - n_bad
-        loss = float(window_loss.item()) / good if good else float("nan")
-        tps = tokens / elapsed if elapsed > 0 else float("nan")
         return {
             "kind": "train",
             "step": state.step,
@@ -278,7 +260,7 @@ class Runner(RunnerGrowth):
         if self.ctx.enabled:
             amp = lambda: autocast(self.cfg, self.device)  # noqa: E731
             return distributed.sharded_mean_loss(state.model, self.val_batches, self.ctx, amp)
-        return evaluate(state, self.val_batches, self.cfg)
+        return evaluate(state.model, self.val_batches, self.cfg)
 
     def _eval(self, log: MetricsLog) -> None:
         val = self._val_loss(self.state)

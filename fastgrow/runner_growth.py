@@ -26,12 +26,8 @@ import torch
 
 from fastgrow.grow_event import GrowthContext, run_growth_event
 from fastgrow.metrics import MetricsLog, mfu
+from fastgrow.state import sync_device
 from fastgrow.train_base import autocast
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RunnerGrowth:
@@ -43,7 +39,7 @@ class RunnerGrowth:
     def grow_stage(self, log: MetricsLog, stage: int) -> None:
         """Grow by stage `stage` now; its record waits for the end of the next step (module doc)."""
         if not self.pending_growth:  # the first growth at this step: the last step ends when its kernels do
-            sync(self.device)
+            sync_device(self.device)
             self.stall_start = time.perf_counter()
         before = self.state
         # Throughput before growth: the last few logged windows (the very first one includes warm-up).
@@ -95,7 +91,7 @@ class RunnerGrowth:
         so the checkpoint counts them."""
         if not self.pending_growth:
             return
-        sync(self.device)
+        sync_device(self.device)
         stall = time.perf_counter() - self.stall_start if stepped else None
         for rec in self.pending_growth:
             rec["stall_seconds"] = stall

@@ -55,6 +55,12 @@ def resolve_device(name: str, what: str = "train.device") -> torch.device:
     return dev
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued kernels (for wall-clock timing); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_state(config: RunConfig, device: torch.device | str | None = None) -> TrainState:
     """A fresh TrainState: model initialised from train.seed, AdamW, schedule at step 0."""
     dev = resolve_device(config.train.device) if device is None else torch.device(device)

@@ -28,11 +28,10 @@ from fastgrow.runner import Runner
 from fastgrow.stages import check_stages
 from fastgrow.state import TrainState, build_state
 
-# Re-exported: what callers import from here (the CLI, the study, G_learn, generate, evaluate).
-from fastgrow.train_base import TrainingAborted, TrainResult, evaluate
-from fastgrow.train_base import autocast as _autocast
+# Re-exported: what callers import from here (the CLI, the study, the tests).
+from fastgrow.train_base import TrainingAborted, TrainResult
 
-__all__ = ["TrainResult", "TrainingAborted", "_autocast", "evaluate", "prepare_state", "train"]
+__all__ = ["TrainResult", "TrainingAborted", "prepare_state", "train"]
 
 
 def _checkpoint_to_resume(out: Path, resume: bool, resume_from: str | None, echo: bool) -> Path | None:
@@ -80,7 +79,7 @@ def prepare_state(
     ckpt = ctx.broadcast(ctx.agree(find))
     if ckpt is None:
         return ctx.agree(lambda: distributed.build_parallel_state(cfg, ctx))
-    return load_parallel_state(ckpt, cfg, ctx)
+    return load_parallel_state(ckpt, cfg, ctx, verify=False)  # find() verified it
 
 
 def train(
@@ -146,24 +145,9 @@ def _runner(cfg: RunConfig, ctx: distributed.DistContext, state: TrainState, dat
     tcfg = cfg.train
     out_dir = Path(tcfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = BatchLoader(
-        data,
-        split="train",
-        batch_size=cfg.data.batch_size,
-        seq_len=cfg.data.seq_len,
-        val_fraction=cfg.data.val_fraction,
-        seed=tcfg.seed,
-    )
+    loader = BatchLoader.for_run(data, cfg, "train")
     if state.cursor:
         loader.load_state_dict(state.cursor)
-    val_loader = BatchLoader(
-        data,
-        split="val",
-        batch_size=cfg.data.batch_size,
-        seq_len=cfg.data.seq_len,
-        val_fraction=cfg.data.val_fraction,
-        seed=tcfg.seed,
-    )
-    val_batches = val_loader.val_batches(tcfg.eval_batches)
+    val_batches = BatchLoader.for_run(data, cfg, "val").val_batches(tcfg.eval_batches)
     stop = tcfg.max_steps if until_step is None else min(until_step, tcfg.max_steps)
     return Runner(cfg, state, loader, val_batches, growth_at, out_dir, data.tokenizer_path, echo, stop, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from fastgrow.config import RunConfig
-from fastgrow.state import TrainState
+from fastgrow.state import TrainState, sync_device
 
 
 class TrainingAborted(RuntimeError):
@@ -56,13 +57,47 @@ def autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+class LogWindow:
+    """The sums of one logging window (loss of the good steps, non-finite steps, tokens), kept on the
+    device so that a step never waits for the host; read once per log step (`summary`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.bad.zero_()
+        self.steps = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.paused = 0.0  # seconds of evaluation / checkpointing inside the window, kept out of tokens/s
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor, tokens: int) -> None:
+        self.loss += torch.where(bad, torch.zeros_like(loss), loss)
+        self.bad += bad.float()
+        self.steps += 1
+        self.tokens += tokens
+
+    def summary(self) -> tuple[float, int, float]:
+        """(mean loss of the good steps, number of skipped steps, tokens/s) of the window (a sync)."""
+        sync_device(self.device)
+        elapsed = time.perf_counter() - self.start - self.paused
+        n_bad = int(self.bad.item())
+        good = self.steps - n_bad
+        loss = float(self.loss.item()) / good if good else float("nan")
+        return loss, n_bad, self.tokens / elapsed if elapsed > 0 else float("nan")
+
+
 def ckpt_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def evaluate(state: TrainState, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: RunConfig) -> float:
-    model = state.model
-    device = state.device
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: RunConfig) -> float:
+    """Mean loss of `model` on `batches`, in eval mode and the run's compute dtype (a host sync)."""
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)

@@ -369,10 +369,12 @@ def attention(
     _validate(q, k, v, softmax_scale)
     b, sq, h, d = q.shape
     sk = k.shape[1]
+    checked = False  # whether the triton-only checks below already hold (auto made them)
     if backend == "auto":
         backend = auto_backend(q.device.type, q.dtype, d, b * h, use_triton(q))
         if backend == "triton" and _offset_problem(q, k, v):
             backend = "sdpa"
+        checked = True
 
     if b == 0 or sq == 0 or h == 0 or d == 0:
         out = q.clone()  # empty, but still part of the autograd graph
@@ -391,6 +393,16 @@ def attention(
         return _sdpa(q, k, v, causal, softmax_scale)
 
     # backend == "triton"
+    if not checked:
+        _check_triton(q, k, v)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out, lse = _TritonAttention.apply(q, k, v, bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
+def _check_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What backend="triton" needs, as one clear error each (backend="auto" only picks triton when all hold)."""
+    b, _, h, d = q.shape
     use_triton(q, "triton")  # raises a clear error for CPU tensors without TRITON_INTERPRET=1
     if d not in TRITON_HEAD_DIMS:
         raise ValueError(f"triton attention supports head_dim in {TRITON_HEAD_DIMS}, got {d}")
@@ -407,6 +419,3 @@ def attention(
     problem = _offset_problem(q, k, v)
     if problem:
         raise ValueError(f"{problem}: use backend='sdpa' (what backend='auto' does)")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    out, lse = _TritonAttention.apply(q, k, v, bool(causal), scale)
-    return (out, lse) if return_lse else out

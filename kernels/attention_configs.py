@@ -61,7 +61,6 @@ def _c(*cfgs: tuple[int, int, int, int]) -> tuple[_Cfg, ...]:
     return tuple(_Cfg(*c) for c in cfgs)
 
 
-KERNELS = ("fwd", "dkdv", "dq")
 _INTERPRET_CANDS = _Cands(_c((32, 16, 4, 1)), _c((16, 32, 4, 1)), _c((32, 16, 4, 1)), 32)
 GPU_CANDIDATES = {
     # (fp32, head_dim <= 64): first of each tuple = fallback

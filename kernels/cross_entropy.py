@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_same_device, device_guard, next_pow2, use_triton
+from ._common import autocast_dtype, check_float, check_same_device, device_guard, next_pow2, use_triton
 
 NEG_BIG = tl.constexpr(-1.0e30)
 REDUCTIONS = ("mean", "sum")
@@ -188,9 +188,7 @@ def _chunk_loop(x, weight, targets, ignore_index, compute_dtype, need_dx, need_d
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     # What the unfused `x @ weight.T` would run in: the autocast dtype under autocast, else the promotion.
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return torch.promote_types(x.dtype, weight.dtype)
+    return autocast_dtype(x, None) or torch.promote_types(x.dtype, weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

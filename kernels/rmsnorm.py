@@ -168,9 +168,9 @@ def _launch_bwd(
     m = x2.shape[0]
     block_n = _launch_config(n)[0]
     streamed = dy2.element_size() + x2.element_size() + (dh2.element_size() if dh is not None else 0)
-    out: dict[str, torch.Tensor] = {}
 
-    def run(cfg: NormCfg) -> None:
+    def run(cfg: NormCfg) -> torch.Tensor | None:
+        """Launch with `cfg`; returns dW (None unless compute_dw)."""
         tiles = cdiv(m, cfg.rows)
         if compute_dw:
             # Persistent grid sized to what is resident at once, ~16 warps per SM (4 programs of 4
@@ -197,13 +197,15 @@ def _launch_bwd(
         if compute_dw:
             dw = torch.empty(n, dtype=dw_dtype, device=xh.device)
             _dw_sum_kernel[(cdiv(n, 64),)](part, dw, progs, n, BLOCK_P=32, BLOCK_C=64, num_warps=4)
-            out["dw"] = dw
+            return dw
+        return None
 
     key = ("rms_bwd", block_n, dy.dtype, xh.dtype, dh.dtype if dh is not None else None, dx_dtype, dr_dtype)
     key += (compute_dw, _rows_bucket(m))
     with device_guard(xh):
-        run(pick(key, bwd_candidates(n), run, xh.device))
-    dw = out["dw"] if compute_dw else torch.empty(0, dtype=dw_dtype, device=xh.device)
+        dw = run(pick(key, bwd_candidates(n), run, xh.device))
+    if dw is None:
+        dw = torch.empty(0, dtype=dw_dtype, device=xh.device)
     return dx, dr, dw
 
 

@@ -49,11 +49,7 @@ def main() -> None:
     )  # fmt: skip
     cfg = RunConfig(model=model, train=TrainConfig(device="cpu", max_steps=10))
     with distributed.session(cfg) as ctx:
-        state = distributed.build_parallel_state(cfg, ctx) if ctx.enabled else None
-        if state is None:
-            from fastgrow.state import build_state
-
-            state = build_state(cfg, "cpu")
+        state = distributed.build_parallel_state(cfg, ctx)  # one process: build_state on ctx.device (cpu)
         x = torch.randint(0, 4096, (2, 64))
         state.model(x, x).backward()
         state.optimizer.step()

@@ -246,12 +246,9 @@ def _load_single_into_sharded(state: TrainState, ckpt: Path) -> None:
 def _sharded_model(model_cfg, ctx: DistContext) -> Transformer:
     """An FSDP2-sharded model whose local shards are allocated but not initialised (a load fills them):
     built on the meta device, so no rank ever holds the full model."""
-    from fastgrow.sharding import init_buffers, shard_model
+    from fastgrow.sharding import init_buffers, sharded_empty
 
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    shard_model(model, ctx.mesh)
-    model.to_empty(device=ctx.device)
+    model = sharded_empty(model_cfg, ctx.mesh, ctx.device)
     init_buffers(model)
     return model
 

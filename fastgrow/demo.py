@@ -64,8 +64,8 @@ def _check_run_dir(out_dir: str) -> None:
 
 
 def _fresh_run_dir(out_dir: str) -> None:
+    """Replace the demo's run directory (the caller has run _check_run_dir on it)."""
     out = Path(out_dir)
-    _check_run_dir(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

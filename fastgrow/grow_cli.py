@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
     from fastgrow.grow import GrowPlan
 
-# The depth operators whose target depth comes from a factor (the rest: width only, or a spec).
-_FACTOR_OPS = ("stack", "interpolate", "zero", "random")
-
 
 def grow_checkpoint(
     in_path: str | Path,
@@ -206,16 +203,14 @@ LEARN_KEYS = ("learn_steps", "learn_tokens", "val_loss_before", "val_loss_learn_
 
 def cmd_grow(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     from fastgrow.grow import GrowPlan
+    from fastgrow.grow_plan import depth_and_factor
     from fastgrow.state import resolve_device
 
     learn = args.op == "learn"
     if not learn and (args.data is not None or args.learn_steps is not None or args.learn_lr is not None):
         raise ValueError("--data, --learn-steps and --learn-lr apply to --op learn only")
-    # G_learn's maps start from G_stack (fastgrow.grow_learn).
-    depth = "none" if args.op in ("width", "none") else ("stack" if learn else args.op)
-    factor = args.factor
-    if factor is None:  # as a run's [growth]: the paper's g unless the depth comes from elsewhere
-        factor = DEFAULT_FACTOR if depth in _FACTOR_OPS and not (args.target_layers or args.spec) else 0
+    # As a run's [growth]: the paper's g unless the depth comes from elsewhere; G_learn starts from G_stack.
+    depth, factor = depth_and_factor(args.op, args.factor, args.target_layers, args.spec)
     device = resolve_device(args.device, what="--device")
     plan = GrowPlan(
         depth=depth,

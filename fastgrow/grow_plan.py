@@ -205,6 +205,22 @@ def grown_schedule(schedule: LRSchedule, step: int, plan: GrowPlan) -> LRSchedul
     return sched
 
 
+# The depth operators that take a factor (the paper's g = 4 when none is given).
+FACTOR_OPS = ("stack", "interpolate", "zero", "random")
+
+
+def depth_and_factor(op: str, factor: int | None, target_layers: int, spec: str) -> tuple[str, int]:
+    """The depth operator and factor of growth op `op` (the growth.op names; "none" = "width"). factor
+    None: the paper's g for the operators that take one, unless target_layers or spec gives the depth.
+    learn: the copy operator its maps start from (G_stack, see fastgrow.grow_learn)."""
+    if op in ("width", "none"):
+        return "none", 0
+    depth = "stack" if op == "learn" else op
+    if factor is None:
+        factor = DEFAULT_FACTOR if depth in FACTOR_OPS and not (target_layers or spec) else 0
+    return depth, factor
+
+
 def plan_from_config(growth: GrowthConfig, model: ModelConfig) -> GrowPlan:
     """The GrowPlan a growth stage describes, for the model the run is training at that stage.
 
@@ -212,15 +228,9 @@ def plan_from_config(growth: GrowthConfig, model: ModelConfig) -> GrowPlan:
     operators that take a factor use the paper's g = 4 when neither factor nor target_layers is set.
     """
     op = growth.op
-    if op == "width":
-        depth, factor = "none", 0
-    elif (op in DEPTH_OPS and op != "none") or op == "learn":
-        # learn: the plan is the copy operator its maps start from (G_stack), see fastgrow.grow_learn.
-        depth, factor = ("stack" if op == "learn" else op), growth.factor
-        if depth in ("stack", "interpolate", "zero", "random") and not (factor or growth.target_layers or growth.spec):
-            factor = DEFAULT_FACTOR
-    else:
+    if op != "width" and not (op in DEPTH_OPS and op != "none") and op != "learn":
         raise ValueError(f"growth.op must be one of {[*DEPTH_OPS[1:], 'width', 'learn']}, got {op!r}")
+    depth, factor = depth_and_factor(op, growth.factor or None, growth.target_layers, growth.spec)
     return GrowPlan(
         depth=depth,
         factor=factor,

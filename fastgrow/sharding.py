@@ -122,14 +122,19 @@ def written_whole(p: torch.Tensor) -> Iterator[torch.Tensor]:
     p.to_local().copy_(shard_rows(full, p))
 
 
-def sharded_like(model_cfg: Any, like: torch.nn.Module) -> torch.nn.Module:
-    """An FSDP2 model of architecture `model_cfg`, sharded over the same mesh as `like`, with allocated
-    but uninitialised shards (built on the meta device: no rank materialises the full model)."""
+def sharded_empty(model_cfg: Any, mesh: Any, device: torch.device) -> torch.nn.Module:
+    """An FSDP2 model of architecture `model_cfg` sharded over `mesh`, with allocated but uninitialised
+    shards and buffers (built on the meta device: no rank materialises the full model)."""
     from fastgrow.model import Transformer
 
-    ref = next(like.parameters())
     with torch.device("meta"):
         model = Transformer(model_cfg)
-    shard_model(model, ref.device_mesh)
-    model.to_empty(device=ref.to_local().device)
+    shard_model(model, mesh)
+    model.to_empty(device=device)
     return model
+
+
+def sharded_like(model_cfg: Any, like: torch.nn.Module) -> torch.nn.Module:
+    """sharded_empty over the same mesh and device as the sharded model `like`."""
+    ref = next(like.parameters())
+    return sharded_empty(model_cfg, ref.device_mesh, ref.to_local().device)

@@ -169,7 +169,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 def load_curve(run_dir: str | Path) -> Curve:
     """The validation curve of a run directory's metrics.jsonl."""
-    recs = read_records(Path(run_dir) / "metrics.jsonl")
+    return curve_from_records(read_records(Path(run_dir) / "metrics.jsonl"), run_dir)
+
+
+def curve_from_records(recs: list[dict[str, Any]], run_dir: str | Path) -> Curve:
+    """The validation curve of a run's metrics records (`run_dir` names the run in the error)."""
     val = [r for r in recs if r.get("kind") == "val"]
     if not val:
         raise ValueError(f"{run_dir}: no validation records in metrics.jsonl (set train.eval_every > 0)")

@@ -19,14 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastgrow.config import SCHEDULES, ConfigError, GrowthConfig, ModelConfig, RunConfig, parse_count, preset
+from fastgrow.config import (
+    GROWTH_OPS,
+    SCHEDULES,
+    ConfigError,
+    GrowthConfig,
+    ModelConfig,
+    RunConfig,
+    parse_count,
+    preset,
+)
 from fastgrow.config_files import read_toml, set_keys
 
 SCRATCH = "scratch"
 TARGET = "target"  # the target from scratch with the variant's own schedule (not the reference)
 BASE = "base"  # a control: the base model trained alone for the whole budget, never grown
 STAGES = "stages"  # several growths, from [[variant.stage]] tables
-GROWTH_OPS = ("stack", "interpolate", "partial", "sources", "zero", "random", "learn")
+# The growth ops a variant may run: every growth.op but width (the study grows depth).
+DEPTH_GROWTH_OPS = tuple(op for op in GROWTH_OPS if op != "width")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _STAGE_KEYS = {f.name for f in dataclasses.fields(GrowthConfig)} - {"at_tokens"} | {"timing"}
 
@@ -63,7 +73,7 @@ class Variant:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"variant name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
-        ops = (SCRATCH, TARGET, BASE, STAGES, *GROWTH_OPS)
+        ops = (SCRATCH, TARGET, BASE, STAGES, *DEPTH_GROWTH_OPS)
         if self.op not in ops:
             raise ConfigError(f"variant {self.name}: op must be one of {ops}, got {self.op!r}")
         if (self.name == SCRATCH) != (self.op == SCRATCH):
@@ -107,7 +117,7 @@ class Variant:
 
     @property
     def grows(self) -> bool:
-        return self.op in GROWTH_OPS or self.op == STAGES
+        return self.op in DEPTH_GROWTH_OPS or self.op == STAGES
 
     def growths(self) -> list[tuple[str | int, dict[str, Any]]]:
         """[(timing, growth fields without at_tokens)] for each growth of the variant."""
@@ -119,7 +129,7 @@ class Variant:
                     raise ConfigError(f"variant {self.name} stage {i}: needs a timing")
                 out.append((st["timing"], {k: v for k, v in st.items() if k != "timing"}))
             return out
-        if self.op not in GROWTH_OPS:
+        if self.op not in DEPTH_GROWTH_OPS:
             return []
         fields = {"op": self.op, **{k: getattr(self, k) for k in _GROWTH_KEYS}}
         defaults = {f.name: f.default for f in dataclasses.fields(GrowthConfig)}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastgrow.config import ConfigError, GrowthConfig, RunConfig
-from fastgrow.study_config import BASE, GROWTH_OPS, SCRATCH, TARGET, StudyConfig, Variant, parse_timing
+from fastgrow.study_config import BASE, DEPTH_GROWTH_OPS, SCRATCH, TARGET, StudyConfig, Variant, parse_timing
 
 
 def planner_tokens(study: StudyConfig) -> int:
@@ -102,7 +102,7 @@ class PlannedRun:
         return {
             "variant": self.variant.name,
             "op": self.variant.op,
-            "timing": self.variant.timing if self.variant.op in GROWTH_OPS else None,
+            "timing": self.variant.timing if self.variant.op in DEPTH_GROWTH_OPS else None,
             "growth_tokens": self.growth_tokens,
             "growth_step": self.growth_step,
             "growth_steps": list(self.growth_steps),

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fastgrow.fsutil import write_atomically, write_text_atomically
-from fastgrow.speedup import Curve, load_curve, read_records, speedup_at_equal_loss
-from fastgrow.study_config import BASE, GROWTH_OPS, SCRATCH, STAGES, TARGET, StudyConfig
+from fastgrow.speedup import Curve, curve_from_records, load_curve, read_records, speedup_at_equal_loss
+from fastgrow.study_config import BASE, DEPTH_GROWTH_OPS, SCRATCH, STAGES, TARGET, StudyConfig
 from fastgrow.study_plan import PlannedRun
 
 
@@ -56,10 +56,11 @@ def analyze(outcomes: Sequence[RunOutcome], ema: float = 0.0, train_tokens: int 
     for o in outcomes:
         log = o.run.run_dir / "metrics.jsonl"
         if o.status in ("done", "reused", "aborted") and log.is_file():
-            speeds[o.run.variant.name] = _throughput(read_records(log))
+            recs = read_records(log)
+            speeds[o.run.variant.name] = _throughput(recs)
             # A run without validation records has no curve (it is still listed).
             with contextlib.suppress(ValueError):
-                curves[o.run.variant.name] = load_curve(o.run.run_dir)
+                curves[o.run.variant.name] = curve_from_records(recs, o.run.run_dir)
     scratch = curves.get(SCRATCH)
     rows = []
     for o in outcomes:
@@ -143,7 +144,7 @@ def _table_row(r: dict[str, Any], study: StudyConfig) -> list[str]:
     described = [_describe_growth(g) for g in stages]
     model = r["config"]["model"]
     op = r["op"] if not grows else " → ".join(d[0] for d in described)
-    if r["op"] in (BASE, *GROWTH_OPS, STAGES) and model["n_layers"] != study.base.n_layers:
+    if r["op"] in (BASE, *DEPTH_GROWTH_OPS, STAGES) and model["n_layers"] != study.base.n_layers:
         op += f" (base: {model['n_layers']} layer{'' if model['n_layers'] == 1 else 's'})"
     if r["op"] != SCRATCH and r["config"]["train"]["schedule"] != study.target.train.schedule:
         op += f", {r['config']['train']['schedule']} LR"

@@ -49,7 +49,15 @@ from ._common import (
 )
 from ._tune import pick
 from .rmsnorm_bwd import _dw_sum_kernel, _rms_norm_bwd_kernel
-from .rmsnorm_configs import _PIPELINE_SMEM, NormCfg, _launch_config, _rows_bucket, bwd_candidates, fwd_candidates
+from .rmsnorm_configs import (
+    _PIPELINE_SMEM,
+    _RELOAD_W_MIN_BLOCK,
+    NormCfg,
+    _launch_config,
+    _rows_bucket,
+    bwd_candidates,
+    fwd_candidates,
+)
 
 MAX_WIDTH = 65536
 
@@ -191,7 +199,7 @@ def _launch_bwd(
             weight if weight is not None else dx, rstd, dx, dr if dr is not None else dx, part,
             m, n, tiles_per_prog,
             HAS_W=weight is not None, HAS_DH=dh is not None, HAS_DR=dr is not None,
-            COMPUTE_DW=compute_dw, RELOAD_W=block_n >= 8192, ROWS=cfg.rows, BLOCK_N=block_n, NUM_STAGES=stages,
+            COMPUTE_DW=compute_dw, RELOAD_W=block_n >= _RELOAD_W_MIN_BLOCK, ROWS=cfg.rows, BLOCK_N=block_n, NUM_STAGES=stages,
             num_warps=cfg.num_warps,
         )  # fmt: skip
         if compute_dw:

@@ -20,6 +20,9 @@ _BWD_WARPS = {2048: 4, 4096: 8, 8192: 16, 16384: 16, 32768: 32, 65536: 32}
 # Shared memory the backward's prefetch buffers may take (two tiles of its streamed inputs); above it
 # (fp32 inputs at 16K+ widths) the loop runs unpipelined rather than fail to launch (227 KB per block).
 _PIPELINE_SMEM = 160 * 1024
+# From this tile width the backward re-reads w per row instead of holding it in registers (RELOAD_W in
+# rmsnorm_bwd.py: a register-resident w spills at 8K+ widths).
+_RELOAD_W_MIN_BLOCK = 8192
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def _attn_signature(fn, ptr_ty: str) -> tuple[dict, set]:
 def attention_row(kern: str, d: int, dtype: str, cfg, causal: bool, split_const: bool = True) -> dict:
     fn = KERNELS[kern]
     sig, aligned = _attn_signature(fn, PTR[dtype])
-    bd = triton.next_power_of_2(d)
+    bd = A._block_d(d)  # as the launcher pads head_dim
     consts = dict(
         HEAD_DIM=d, BLOCK_D=bd, PAD_D=bd != d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         DOT_PREC=A._dot_precision({"fp32": torch.float32}.get(dtype, torch.bfloat16)),
@@ -117,9 +117,10 @@ def norm_rows() -> list[dict]:
     """Every RMSNorm forward/backward candidate at the model widths (bf16; backward with the fused
     residual and the autocast fp32 stream, the heaviest variant)."""
     R = importlib.import_module("fastgrow.kernels.rmsnorm")
+    C = importlib.import_module("fastgrow.kernels.rmsnorm_configs")
     rows = []
     for n in (1024, 2048, 4096, 8192):
-        block_n = max(16, triton.next_power_of_2(n))
+        block_n = C._launch_config(n)[0]  # as the launchers pick it
         for cand in R.fwd_candidates(n):
             sig = {k: "*bf16" for k in ("X", "R", "H", "Y", "W")}
             sig.update(RSTD="*fp32", stride_xm="i32", stride_rm="i32", M="i32", N="i32", eps="fp32")
@@ -135,7 +136,8 @@ def norm_rows() -> list[dict]:
             sig.update(DX="*bf16", RSTD="*fp32", DW_PART="*fp32", M="i32", N="i32", tiles_per_prog="i32")
             sig.update(stride_dym="i32", stride_xm="i32", stride_dhm="i32")
             consts = dict(stride_dyn=1, stride_xn=1, stride_dhn=1, HAS_W=True, HAS_DH=True, HAS_DR=True)
-            consts.update(COMPUTE_DW=True, RELOAD_W=block_n >= 8192, ROWS=cand.rows, BLOCK_N=block_n, NUM_STAGES=2)
+            consts.update(COMPUTE_DW=True, RELOAD_W=block_n >= C._RELOAD_W_MIN_BLOCK, NUM_STAGES=2)
+            consts.update(ROWS=cand.rows, BLOCK_N=block_n)
             aligned = {"DY", "X", "DH", "W", "RSTD", "DX", "DR", "DW_PART", "stride_dym", "stride_xm", "stride_dhm"}
             k = compile_sm90(R._rms_norm_bwd_kernel, sig, consts, aligned | {"N"}, cand.num_warps, 1)
             regs, spill = ptxas_usage(k.asm["ptx"])
